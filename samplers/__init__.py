@@ -1,0 +1,18 @@
+"""fewstep.samplers: schedules, denoisers, timestep grids, solvers and diffusers adapters."""
+
+from .denoisers import CFGDenoiser, Denoiser, ModelDenoiser, Prediction, convert_prediction, diffusers_unet_fn
+from .sampler import SAMPLERS, Sampler, make_solver
+from .schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
+                        Schedule)
+from .solvers import DDIM, DDPM, PNDM, DPMSolverPP, Euler, Heun, SDEDPMSolverPP, Solver
+from .timesteps import (DiffusersSpacing, ExplicitTimesteps, Grid, Karras, LogSNRUniform, TimeQuadratic,
+                        Timesteps, TimeUniform, make_timesteps)
+
+__all__ = [
+    "Schedule", "DiscreteVPSchedule", "ContinuousVPSchedule", "EDMSchedule", "FlowMatchingSchedule",
+    "Denoiser", "ModelDenoiser", "CFGDenoiser", "Prediction", "convert_prediction", "diffusers_unet_fn",
+    "Timesteps", "Grid", "TimeUniform", "TimeQuadratic", "LogSNRUniform", "Karras", "DiffusersSpacing",
+    "ExplicitTimesteps", "make_timesteps",
+    "Solver", "DDIM", "DDPM", "DPMSolverPP", "SDEDPMSolverPP", "PNDM", "Euler", "Heun",
+    "Sampler", "SAMPLERS", "make_solver",
+]

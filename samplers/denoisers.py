@@ -1,0 +1,199 @@
+"""Denoisers: any network plus its prediction type, seen by solvers only as ``(x0_hat, eps_hat)``.
+
+A solver calls ``denoiser(x, t)`` and gets a ``Prediction`` with the data prediction ``x0`` and the
+noise prediction ``eps`` tied by ``x = alpha x0 + sigma eps``. Parameterisation (eps / x0 / v /
+flow velocity), classifier-free guidance and thresholding live here, never in a solver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import Schedule
+
+__all__ = [
+    "Prediction",
+    "Denoiser",
+    "ModelDenoiser",
+    "CFGDenoiser",
+    "PREDICTION_TYPES",
+    "convert_prediction",
+    "dynamic_threshold",
+    "broadcast_like",
+    "diffusers_unet_fn",
+]
+
+#: Accepted prediction types; diffusers spells x0 prediction "sample" and velocity "v_prediction".
+PREDICTION_TYPES = {
+    "eps": "eps", "epsilon": "eps",
+    "x0": "x0", "sample": "x0",
+    "v": "v", "v_prediction": "v",
+    "flow": "flow", "velocity": "flow", "flow_prediction": "flow",
+}
+
+
+class Prediction(NamedTuple):
+    x0: Tensor
+    eps: Tensor
+
+
+def broadcast_like(c, x: Tensor) -> Tensor:
+    """A scalar or per-sample coefficient shaped to broadcast against ``x`` (float64 -> ``x.dtype``)."""
+    c = torch.as_tensor(c, device=x.device)
+    c = c.to(x.dtype) if c.is_floating_point() else c.to(x.dtype)
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) if c.ndim else c
+
+
+def canonical_prediction_type(prediction_type: str) -> str:
+    try:
+        return PREDICTION_TYPES[prediction_type]
+    except KeyError:
+        raise ValueError(
+            f"unknown prediction type {prediction_type!r}; expected one of {sorted(PREDICTION_TYPES)}"
+        ) from None
+
+
+def convert_prediction(output: Tensor, x: Tensor, alpha, sigma, prediction_type: str,
+                       alpha_dot=None, sigma_dot=None) -> Prediction:
+    """Turn a network output into ``(x0, eps)`` at noise level ``(alpha, sigma)``.
+
+    ``alpha``/``sigma`` are scalars or per-sample tensors. ``v = alpha eps - sigma x0`` (Salimans &
+    Ho 2022), read for any schedule through ``x = alpha x0 + sigma eps``; a flow velocity
+    ``u = dx/dt = alpha' x0 + sigma' eps`` needs the schedule's derivatives.
+    """
+    kind = canonical_prediction_type(prediction_type)
+    if output.shape != x.shape:
+        # learned-variance networks (e.g. improved DDPM) return mean and variance channels
+        if output.ndim == x.ndim and output.shape[1] == 2 * x.shape[1] and output.shape[2:] == x.shape[2:]:
+            output = output[:, : x.shape[1]]
+        else:
+            raise ValueError(f"model output shape {tuple(output.shape)} does not match input {tuple(x.shape)}")
+    a, s = broadcast_like(alpha, x), broadcast_like(sigma, x)
+    if kind == "eps":
+        return Prediction((x - s * output) / a, output)
+    if kind == "x0":
+        return Prediction(output, (x - a * output) / s)
+    if kind == "v":
+        norm = a * a + s * s
+        return Prediction((a * x - s * output) / norm, (s * x + a * output) / norm)
+    if alpha_dot is None or sigma_dot is None:
+        raise ValueError("a flow-velocity prediction needs a schedule with alpha_dot / sigma_dot (FlowMatchingSchedule)")
+    ad, sd = broadcast_like(alpha_dot, x), broadcast_like(sigma_dot, x)
+    det = a * sd - s * ad
+    return Prediction((sd * x - s * output) / det, (a * output - ad * x) / det)
+
+
+def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): clip each sample to its
+    ``ratio`` quantile of ``|x0|`` (at least 1, at most ``max_value``) and rescale into [-1, 1]."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)
+    s = broadcast_like(s, x0)
+    return torch.clamp(x0, -s, s) / s
+
+
+class Denoiser(nn.Module):
+    """Interface: ``forward(x, t) -> Prediction`` over a ``schedule``; ``t`` scalar or per-sample."""
+
+    schedule: Schedule
+
+    def forward(self, x: Tensor, t) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def coefficients(self, t, x: Tensor):
+        """``(alpha, sigma)`` at ``t`` as float64 tensors (scalar or per-sample)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim == 1 and len(t) != x.shape[0]:
+            raise ValueError(f"{len(t)} per-sample times for a batch of {x.shape[0]}")
+        return self.schedule.alpha(t), self.schedule.sigma(t)
+
+
+class ModelDenoiser(Denoiser):
+    """A network ``model(x, t_model, **cond) -> output`` and its ``prediction_type``.
+
+    ``model_time`` maps schedule time to what the network was trained on (identity for diffusers
+    UNets over a ``DiscreteVPSchedule``). Optional post-processing of ``x0``: ``clip`` to
+    ``[-clip, clip]`` or ``dynamic_threshold=(ratio, max_value)``; ``eps`` is then recomputed so the
+    pair stays consistent.
+    """
+
+    def __init__(self, model: Callable[..., Any], schedule: Schedule, prediction_type: str = "eps",
+                 model_time: Callable[[Tensor], Tensor] | None = None, clip: float | None = None,
+                 dynamic_threshold: tuple[float, float] | None = None, **cond: Any):
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        if self.prediction_type == "flow" and not hasattr(schedule, "alpha_dot"):
+            raise ValueError(f"flow prediction needs a schedule with derivatives, not {type(schedule).__name__}")
+        self.model_time = model_time
+        if clip is not None and dynamic_threshold is not None:
+            raise ValueError("use either clip or dynamic_threshold, not both")
+        self.clip, self.dynamic_threshold = clip, dynamic_threshold
+        self.cond = cond
+
+    def call_model(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        t_model = self.model_time(t) if self.model_time is not None else t
+        t_model = t_model.to(device=x.device, dtype=torch.float32)
+        if t_model.ndim == 0:
+            t_model = t_model.expand(x.shape[0])
+        out = self.model(x, t_model, **{**self.cond, **cond})
+        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+
+    def forward(self, x: Tensor, t, **cond) -> Prediction:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha, sigma = self.coefficients(t, x)
+        out = self.call_model(x, t, **cond)
+        derivs = {}
+        if self.prediction_type == "flow":
+            derivs = dict(alpha_dot=self.schedule.alpha_dot(t), sigma_dot=self.schedule.sigma_dot(t))
+        pred = convert_prediction(out, x, alpha, sigma, self.prediction_type, **derivs)
+        return self.postprocess(pred, x, alpha, sigma)
+
+    def postprocess(self, pred: Prediction, x: Tensor, alpha, sigma) -> Prediction:
+        if self.clip is None and self.dynamic_threshold is None:
+            return pred
+        x0 = pred.x0.clamp(-self.clip, self.clip) if self.clip is not None else dynamic_threshold(
+            pred.x0, *self.dynamic_threshold)
+        return Prediction(x0, (x - broadcast_like(alpha, x) * x0) / broadcast_like(sigma, x))
+
+
+class CFGDenoiser(Denoiser):
+    """Classifier-free guidance (Ho & Salimans 2022): ``eps = eps_u + scale (eps_c - eps_u)``.
+
+    The same weights apply to ``x0`` (both are affine in the network output with the same ``x``),
+    so the guided pair stays consistent. ``scale = 1`` is the conditional model alone.
+    """
+
+    def __init__(self, conditional: Denoiser, unconditional: Denoiser, scale: float):
+        super().__init__()
+        if conditional.schedule is not unconditional.schedule:
+            raise ValueError("conditional and unconditional denoisers must share one schedule")
+        self.conditional, self.unconditional, self.scale = conditional, unconditional, float(scale)
+        self.schedule = conditional.schedule
+
+    def forward(self, x: Tensor, t) -> Prediction:
+        cond, uncond = self.conditional(x, t), self.unconditional(x, t)
+        w = self.scale
+        return Prediction(uncond.x0 + w * (cond.x0 - uncond.x0), uncond.eps + w * (cond.eps - uncond.eps))
+
+
+def diffusers_unet_fn(unet: nn.Module, encoder_hidden_states: Tensor | None = None, **kwargs) -> Callable:
+    """A ``model(x, t)`` callable over a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` / transformer.
+
+    ``encoder_hidden_states`` (one per sample, or one broadcast to the batch) goes to conditional models.
+    """
+
+    def call(x: Tensor, t: Tensor, **extra) -> Tensor:
+        args = dict(kwargs, **extra)
+        if encoder_hidden_states is not None:
+            ehs = encoder_hidden_states
+            if ehs.shape[0] != x.shape[0]:
+                ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
+            args["encoder_hidden_states"] = ehs
+        return unet(x, t, **args).sample
+
+    return call
