@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -23,17 +23,19 @@ __all__ = ["Sampler", "SAMPLERS", "SamplerSpec", "make_solver", "default_timeste
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler: its solver factory, fixed options, and a one-line description."""
+    """A registered sampler: its solver factory, options fixed by the name, overridable defaults,
+    and a one-line description."""
 
     factory: Callable[..., Solver]
     fixed: dict
     summary: str
+    defaults: dict = field(default_factory=dict)
 
     def make(self, **options) -> Solver:
         clash = set(options) & set(self.fixed)
         if clash:
             raise ValueError(f"options {sorted(clash)} are fixed by this sampler's name")
-        return self.factory(**self.fixed, **options)
+        return self.factory(**{**self.defaults, **options}, **self.fixed)
 
 
 #: Name -> spec. ``fewstep samplers`` lists this table.
@@ -43,8 +45,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m": SamplerSpec(DPMSolverPP, {"order": 2}, "DPM-Solver++(2M) (Lu et al. 2022b), second order"),
     "dpmpp_3m": SamplerSpec(DPMSolverPP, {"order": 3}, "DPM-Solver++(3M), third order"),
     "sde_dpmpp_2m": SamplerSpec(SDEDPMSolverPP, {"order": 2}, "SDE-DPM-Solver++(2M), stochastic"),
-    "pndm": SamplerSpec(PNDM, {"warmup": "prk"}, "PNDM / F-PNDM (Liu et al. 2022): RK warm-up, then AB4"),
-    "plms": SamplerSpec(PNDM, {"warmup": "heun"}, "PLMS: improved-Euler warm-up, then AB2..AB4 (diffusers skip_prk_steps)"),
+    "pndm": SamplerSpec(PNDM, {}, "PNDM / F-PNDM (Liu et al. 2022): RK warm-up, then AB4", {"warmup": "prk"}),
+    "plms": SamplerSpec(PNDM, {}, "PLMS: improved-Euler warm-up, then AB2..AB4 (diffusers skip_prk_steps)",
+                        {"warmup": "heun"}),
     "euler": SamplerSpec(Euler, {}, "Euler on the PF ODE in sigma_bar (Karras et al. 2022)"),
     "heun": SamplerSpec(Heun, {}, "Heun's 2nd-order method (Karras et al. 2022, Algorithm 1)"),
 }

@@ -65,8 +65,9 @@ class Grid:
         return bool(self.sigma[-1] == 0)
 
     @classmethod
-    def from_times(cls, schedule: Schedule, times, final: Final = "zero") -> "Grid":
-        """Grid through the given evaluation ``times`` (descending) and the requested endpoint."""
+    def from_times(cls, schedule: Schedule, times, final: Final = "zero", t_end: float | None = None) -> "Grid":
+        """Grid through the given evaluation ``times`` (descending) and the requested endpoint:
+        clean data (``"zero"``) or the time ``t_end`` (``"t_min"``; default the schedule's ``t_min``)."""
         if final not in ("zero", "t_min"):
             raise ValueError(f"unknown final {final!r}; expected 'zero' or 't_min'")
         t = schedule.check_times(times).reshape(-1)
@@ -78,10 +79,10 @@ class Grid:
             alpha = torch.cat([alpha, alpha.new_ones(1)])
             sigma = torch.cat([sigma, sigma.new_zeros(1)])
         else:
-            t_end = t.new_tensor([schedule.t_min])
-            t = torch.cat([t, t_end])
-            alpha = torch.cat([alpha, schedule.alpha(t_end)])
-            sigma = torch.cat([sigma, schedule.sigma(t_end)])
+            t_last = schedule.check_times(t.new_tensor([schedule.t_min if t_end is None else t_end]))
+            t = torch.cat([t, t_last])
+            alpha = torch.cat([alpha, schedule.alpha(t_last)])
+            sigma = torch.cat([sigma, schedule.sigma(t_last)])
         grid = cls(t=t, alpha=alpha, sigma=sigma, schedule=schedule)
         lam = grid.log_snr
         # The endpoint may coincide with the last evaluation (a zero-length step, as diffusers'
@@ -127,7 +128,8 @@ class Timesteps:
         return self.spaced(schedule, n_steps)
 
     def grid(self, schedule: Schedule, n_steps: int, final: Final = "zero") -> Grid:
-        return Grid.from_times(schedule, self.times(schedule, n_steps, final), final=final)
+        t_end = self.bounds(schedule)[1] if self.t_end is not None else None
+        return Grid.from_times(schedule, self.times(schedule, n_steps, final), final=final, t_end=t_end)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None)
