@@ -122,7 +122,7 @@ def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     # Lin et al. (2024), Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last one is 0.
     sqrt_ac = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
-    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
     ac = sqrt_ac**2
     alphas = torch.cat([ac[0:1], ac[1:] / ac[:-1]])
     return 1 - alphas
@@ -133,7 +133,8 @@ class DiscreteVPSchedule(Schedule):
 
     Between integers the log-SNR is interpolated linearly, so ``t_from_log_snr`` is its exact
     inverse and integer times reproduce ``alphas_cumprod`` exactly. A zero terminal SNR (from
-    ``rescale_betas_zero_snr``) is clamped to ``alphas_cumprod = 2**-24``, as diffusers does.
+    ``rescale_betas_zero_snr``) is clamped to ``min(2**-24, alphas_cumprod[-2] / 2)`` (diffusers
+    clamps to ``2**-24``, which can break monotonicity).
     """
 
     variance_preserving = True
@@ -142,8 +143,8 @@ class DiscreteVPSchedule(Schedule):
         ac = torch.as_tensor(alphas_cumprod).to(_F64).clone()
         if ac.ndim != 1 or len(ac) < 2:
             raise ValueError("alphas_cumprod must be a 1-D sequence of at least 2 values")
-        if ac[-1] == 0:
-            ac[-1] = 2.0**-24
+        if ac[-1] == 0:  # zero terminal SNR: a tiny positive one keeps log-SNR finite and monotone
+            ac[-1] = min(2.0**-24, ac[-2].item() / 2)
         if torch.any(ac <= 0) or torch.any(ac > 1) or torch.any(ac[1:] >= ac[:-1]):
             raise ValueError("alphas_cumprod must be strictly decreasing within (0, 1]")
         self.alphas_cumprod = ac

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
@@ -356,7 +355,7 @@ def _solve_pf_ode(velocity, schedule: Schedule, x_start: Tensor, t_start, t_end,
     (phi0, r0), (phi1, r1) = _angle(schedule, t_start), _angle(schedule, t_end)
     y0 = _flat(x_start).cpu() / r0
     y1 = _integrate_angle(velocity, y0, phi0, phi1, rtol, atol)
-    return (r1 * y1).reshape(x_start.shape)
+    return (r1 * y1).reshape(x_start.shape).to(x_start.device)
 
 
 def mixture_pf_ode_solution(mixture: GaussianMixture, schedule: Schedule, x_start: Tensor, t_start, t_end=None,
@@ -365,7 +364,8 @@ def mixture_pf_ode_solution(mixture: GaussianMixture, schedule: Schedule, x_star
     """Exact (to ``rtol``) PF-ODE map of a mixture, ``t_start -> t_end``; None means clean data.
 
     Uses the closed-form posterior at every noise level, so it reaches ``sigma = 0`` exactly.
-    ``class_label``: conditional ODE; with ``guidance_scale`` the CFG-guided ODE. Returns float64.
+    ``class_label`` (int or ``[B]``): conditional ODE; with ``guidance_scale`` the CFG-guided ODE.
+    Returns float64 on ``x_start``'s device (the integration runs on the CPU).
     """
     velocity = _posterior_velocity(guided_posterior(mixture, class_label, guidance_scale))
     return _solve_pf_ode(velocity, schedule, x_start, t_start, t_end, rtol, atol)
@@ -377,7 +377,8 @@ def reference_pf_ode_solution(denoiser: Denoiser, x_start: Tensor, t_start, t_en
 
     The denoiser is called in float64 at schedule times ``t = t_from_sigma_bar(tan phi)`` inside
     ``[t_min, t_max]`` only. An endpoint ``None`` (clean data) needs the closed-form posterior below
-    ``t_min`` and so works only for ``ExactDenoiser`` and CFG combinations of them. Returns float64.
+    ``t_min`` and so works only for ``ExactDenoiser`` and CFG combinations of them. The denoiser must
+    accept float64 input. Returns float64 on ``x_start``'s device (the integration runs on the CPU).
     """
     schedule = denoiser.schedule
     exact = _exact_posterior(denoiser)
@@ -399,7 +400,7 @@ def reference_pf_ode_solution(denoiser: Denoiser, x_start: Tensor, t_start, t_en
         t = torch.clamp(schedule.t_from_log_snr(lam), schedule.t_min, schedule.t_max)
         alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
         with torch.no_grad():
-            pred = denoiser((math.hypot(alpha, sigma) * y).reshape(shape), t)
+            pred = denoiser((math.hypot(alpha, sigma) * y).reshape(shape).to(x_start.device), t)
         x0, eps = _flat(pred.x0).cpu(), _flat(pred.eps).cpu()
         return -math.sin(phi) * x0 + math.cos(phi) * eps
 
@@ -445,13 +446,13 @@ def w2_to_gaussian(samples: Tensor, mean, cov) -> Tensor:
 
 
 def _quantiles(sorted_x: Tensor, q: Tensor) -> Tensor:
-    """Linear-interpolation quantiles at levels ``q`` of sorted columns ``[N, P]`` (``q_i`` at position ``q N - 1/2``)."""
-    n = sorted_x.shape[0]
+    """Linear-interpolation quantiles at levels ``q`` of sorted rows ``[P, N]`` (level ``q`` at position ``q N - 1/2``)."""
+    n = sorted_x.shape[1]
     pos = (q * n - 0.5).clamp(0, n - 1)
     lo = pos.floor().long()
     hi = (lo + 1).clamp(max=n - 1)
-    frac = (pos - lo.to(_F64))[:, None]
-    return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
+    frac = pos - lo.to(_F64)
+    return sorted_x[:, lo] * (1 - frac) + sorted_x[:, hi] * frac
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0) -> Tensor:
@@ -462,11 +463,12 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"sample dims differ: {x.shape[1]} vs {y.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(x.shape[1], n_projections, generator=g, dtype=_F64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    px, py = torch.sort(x @ theta, dim=0).values, torch.sort(y @ theta, dim=0).values
-    if len(px) != len(py):
-        n = max(len(px), len(py))
+    theta = torch.randn(n_projections, x.shape[1], generator=g, dtype=_F64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    # projections as [P, N] rows: sorting along the contiguous dim is several times faster
+    px, py = torch.sort(theta @ x.T, dim=1).values, torch.sort(theta @ y.T, dim=1).values
+    if px.shape[1] != py.shape[1]:
+        n = max(px.shape[1], py.shape[1])
         q = (torch.arange(n, dtype=_F64) + 0.5) / n
         px, py = _quantiles(px, q), _quantiles(py, q)
     return ((px - py) ** 2).mean().sqrt()

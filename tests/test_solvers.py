@@ -1,0 +1,235 @@
+"""Solver claims on the exact Gaussian testbed: convergence order, equivalences, NFE accounting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from samplers import (SAMPLERS, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
+                      Sampler, TimeUniform)
+from samplers.sampler import run_solver
+from samplers.testbed import ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution
+
+GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
+VP = ContinuousVPSchedule("linear")
+EDM = EDMSchedule()
+# On EDM's schedule t = sigma_bar, so a time-uniform grid is uniform in the ODE's own variable: the
+# fixed-step Adams-Bashforth slopes of PNDM/PLMS are then genuine AB methods.
+EDM_WINDOW = TimeUniform(t_start=3.0, t_end=0.5)
+
+
+def x_start(n=64, seed=0):
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def endpoint_error(schedule, name, steps, timesteps, exact_start=0, **options):
+    """Max error at the grid's end against the closed-form PF-ODE solution from the same x_T.
+
+    ``exact_start = k`` replaces the solver's first ``k`` results by the exact solution, which
+    measures a multistep method's own order without its lower-order warm-up.
+    """
+    den = ExactDenoiser(GAUSS, schedule)
+    sampler = Sampler(den, name, steps=steps, timesteps=timesteps, final="t_min", **options)
+    grid, xT = sampler.grid, x_start()
+    exact = lambda t: gaussian_pf_ode_solution(GAUSS, schedule, xT, grid.t[0].item(), t)  # noqa: E731
+    run = sampler.solver.steps(grid, None)
+    _, t = next(run)
+    x, k = xT, 0
+    while t is not None:
+        x, t = run.send((x, den(x, t)))
+        k += 1
+        if k <= exact_start:
+            x = exact(grid.t[k].item())
+    return (x - exact(grid.t[-1].item())).abs().max().item()
+
+
+def measured_order(errors, steps):
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+
+
+ORDER_CASES = [
+    # (schedule, sampler, timesteps, options, exact warm-up steps, steps, expected order)
+    ("vp", "ddim", "log_snr", {}, 0, [16, 32, 64, 128], 1),
+    ("vp", "euler", "log_snr", {}, 0, [16, 32, 64, 128], 1),
+    ("vp", "heun", "log_snr", {}, 0, [16, 32, 64, 128], 2),
+    ("vp", "dpmpp_2m", "log_snr", {"lower_order_final": False}, 0, [16, 32, 64, 128], 2),
+    ("vp", "dpmpp_2m", "log_snr", {"lower_order_final": False, "solver_type": "heun"}, 0, [16, 32, 64, 128], 2),
+    ("vp", "dpmpp_3m", "karras", {"lower_order_final": False}, 2, [32, 64, 128, 256], 3),
+    ("edm", "ddim", EDM_WINDOW, {}, 0, [16, 32, 64, 128], 1),
+    ("edm", "heun", EDM_WINDOW, {}, 0, [16, 32, 64, 128], 2),
+    ("edm", "pndm", EDM_WINDOW, {}, 0, [64, 128, 256], 4),
+    ("edm", "plms", EDM_WINDOW, {"warmup": "lower_order"}, 3, [64, 128, 256], 4),
+    ("edm", "plms", EDM_WINDOW, {"warmup": "lower_order", "order": 3}, 2, [64, 128, 256], 3),
+    ("edm", "plms", EDM_WINDOW, {"warmup": "lower_order", "order": 2}, 1, [32, 64, 128], 2),
+    # AB with an Euler first step: the O(h^2) start caps the global order at 2
+    ("edm", "plms", EDM_WINDOW, {"warmup": "lower_order"}, 0, [64, 128, 256], 2),
+]
+
+
+@pytest.mark.parametrize("schedule,name,timesteps,options,exact_start,steps,order", ORDER_CASES,
+                         ids=[f"{c[1]}-{c[0]}-{c[3]}-exact{c[4]}" for c in ORDER_CASES])
+def test_convergence_order(schedule, name, timesteps, options, exact_start, steps, order):
+    sched = VP if schedule == "vp" else EDM
+    errors = [endpoint_error(sched, name, n, timesteps, exact_start, **options) for n in steps]
+    assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:])), errors
+    assert measured_order(errors, steps) == pytest.approx(order, abs=0.35), errors
+
+
+def test_dpmpp_3m_reference_coefficient_is_second_order():
+    """The reference code's 3M (half-weight second difference) loses an order; ours keeps it."""
+    steps = [128, 256, 512]
+    ref = [endpoint_error(VP, "dpmpp_3m", n, "karras", 2, lower_order_final=False, third_order="reference")
+           for n in steps]
+    ours = [endpoint_error(VP, "dpmpp_3m", n, "karras", 2, lower_order_final=False) for n in steps]
+    assert measured_order(ref, steps) == pytest.approx(2, abs=0.35)
+    assert ours[-1] < ref[-1] / 5
+
+
+def test_dpmpp_beats_ddim_at_ten_steps_on_every_schedule():
+    for sched in [DiscreteVPSchedule.from_diffusers_config({}), VP, ContinuousVPSchedule("cosine"), EDM,
+                  FlowMatchingSchedule()]:
+        ddim = endpoint_error(sched, "ddim", 10, "log_snr")
+        dpm = endpoint_error(sched, "dpmpp_2m", 10, "log_snr")
+        assert dpm < ddim / 3, (sched, ddim, dpm)
+
+
+# -- equivalences --------------------------------------------------------------------------------
+
+
+def _run(name, steps=8, seed=1, **options):
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    return Sampler(den, name, steps=steps, **options).sample(x_start(), generator=torch.Generator().manual_seed(seed))
+
+
+def test_euler_is_ddim():
+    assert torch.allclose(_run("euler"), _run("ddim"), atol=1e-12)
+
+
+def test_ddim_eta_one_is_ddpm_posterior_sampling():
+    assert torch.allclose(_run("ddim", eta=1.0), _run("ddpm"), atol=1e-10)
+
+
+def test_stochastic_samplers_are_reproducible_and_seed_dependent():
+    for name in ["ddpm", "sde_dpmpp_2m"]:
+        assert torch.equal(_run(name, seed=3), _run(name, seed=3))
+        assert not torch.allclose(_run(name, seed=3), _run(name, seed=4))
+
+
+def test_dpmpp_2m_lower_order_final_only_changes_the_last_steps():
+    a = _run("dpmpp_2m", steps=8, timesteps="log_snr", final="t_min")
+    b = _run("dpmpp_2m", steps=8, timesteps="log_snr", final="t_min", lower_order_final=False)
+    assert not torch.allclose(a, b)
+    c = _run("dpmpp_2m", steps=20, timesteps="log_snr", final="t_min")  # >= 15 steps: the rule is off
+    d = _run("dpmpp_2m", steps=20, timesteps="log_snr", final="t_min", lower_order_final=False)
+    assert torch.equal(c, d)
+
+
+def test_stochastic_samples_converge_to_the_data_distribution():
+    from samplers.testbed import w2_to_gaussian
+
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    cov = torch.diag(GAUSS.variances[0])
+
+    def w2(name, steps):
+        g = torch.Generator().manual_seed(0)
+        xT = torch.randn(4000, 4, generator=g, dtype=torch.float64)
+        return w2_to_gaussian(Sampler(den, name, steps=steps).sample(xT, generator=g), GAUSS.means[0], cov).item()
+
+    for name in ["sde_dpmpp_2m", "ddpm"]:
+        w = [w2(name, n) for n in (5, 10, 100)]
+        assert w[0] > w[1] > w[2], (name, w)
+        assert w[2] < 0.1, (name, w)  # 4000 exact draws sit at 0.04-0.07 from the truth
+
+
+# -- NFE accounting --------------------------------------------------------------------------------
+
+
+class CountingDenoiser(ExactDenoiser):
+    calls = 0
+
+    def forward(self, x, t):
+        CountingDenoiser.calls += 1
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("final", ["zero", "t_min"])
+def test_nfe_is_known_before_running(name, final):
+    den = CountingDenoiser(GAUSS, VP)
+    for steps in [1, 2, 5]:
+        sampler = Sampler(den, name, steps=steps, final=final)
+        CountingDenoiser.calls = 0
+        out = sampler.sample(x_start(8))
+        assert CountingDenoiser.calls == sampler.nfe
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,nfe_of_steps", [("ddim", lambda n: n), ("plms", lambda n: n + 1),
+                                               ("pndm", lambda n: n + 9), ("heun", lambda n: 2 * n - 1)])
+def test_nfe_formulas(name, nfe_of_steps):
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    for steps in [5, 10]:
+        assert Sampler(den, name, steps=steps).nfe == nfe_of_steps(steps)
+
+
+def test_for_nfe_hits_the_budget_or_says_why():
+    den = ExactDenoiser(GAUSS, VP)
+    assert Sampler.for_nfe(den, "heun", 9).nfe == 9
+    assert Sampler.for_nfe(den, "pndm", 19).steps == 10
+    with pytest.raises(ValueError, match="exactly 10 model calls"):
+        Sampler.for_nfe(den, "heun", 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        Sampler.for_nfe(den, "ddim", 0)
+
+
+def test_callback_and_progress():
+    den = ExactDenoiser(GAUSS, VP)
+    seen = []
+    sampler = Sampler(den, "dpmpp_2m", steps=4)
+    sampler.sample(x_start(4), callback=seen.append, progress=True)
+    assert [p["i"] for p in seen] == [0, 1, 2, 3]
+    assert set(seen[0]) == {"i", "t", "x", "denoised", "eps"}
+
+
+def test_half_precision_input_is_solved_in_float32():
+    den = ExactDenoiser(GAUSS, VP)
+    x = x_start(8).half()
+    out = Sampler(den, "dpmpp_2m", steps=6).sample(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=0), ">= 1"),
+    (dict(steps=2.5), ">= 1"),
+    (dict(solver="nope"), "unknown sampler"),
+    (dict(solver="ddim", bogus=1), "bad option"),
+    (dict(solver="dpmpp_2m", order=3), "fixed by this sampler"),
+    (dict(solver="ddim", eta=-1.0), "eta"),
+    (dict(solver="dpmpp_3m", third_order="x"), "third_order"),
+    (dict(solver="plms", warmup="x"), "warmup"),
+    (dict(solver="plms", order=7), "order"),
+    (dict(solver="ddpm", variance="x"), "variance"),
+    (dict(timesteps="nope"), "unknown timesteps"),
+    (dict(final="middle"), "unknown final"),
+    (dict(timesteps=TimeUniform(t_start=2.0)), "outside"),
+])
+def test_bad_sampler_arguments_raise_clear_errors(kwargs, match):
+    den = ExactDenoiser(GAUSS, VP)
+    kwargs = dict(kwargs)
+    solver = kwargs.pop("solver", "ddim")
+    with pytest.raises(ValueError, match=match):
+        Sampler(den, solver, **kwargs)
+
+
+def test_sample_rejects_unbatched_input():
+    with pytest.raises(ValueError, match="batched"):
+        Sampler(ExactDenoiser(GAUSS, VP), "ddim", steps=2).sample(torch.tensor(1.0))
+
+
+def test_exact_denoiser_rejects_wrong_dimension():
+    with pytest.raises(ValueError):
+        Sampler(ExactDenoiser(GAUSS, VP), "ddim", steps=2).sample(torch.zeros(3, 5))
