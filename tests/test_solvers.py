@@ -8,8 +8,9 @@ import torch
 
 from samplers import (SAMPLERS, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                       Sampler, TimeUniform)
-from samplers.sampler import run_solver
-from samplers.testbed import ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution
+from samplers import convergence
+from samplers.convergence import measured_order
+from samplers.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP = ContinuousVPSchedule("linear")
@@ -24,28 +25,9 @@ def x_start(n=64, seed=0):
 
 
 def endpoint_error(schedule, name, steps, timesteps, exact_start=0, **options):
-    """Max error at the grid's end against the closed-form PF-ODE solution from the same x_T.
-
-    ``exact_start = k`` replaces the solver's first ``k`` results by the exact solution, which
-    measures a multistep method's own order without its lower-order warm-up.
-    """
-    den = ExactDenoiser(GAUSS, schedule)
-    sampler = Sampler(den, name, steps=steps, timesteps=timesteps, final="t_min", **options)
-    grid, xT = sampler.grid, x_start()
-    exact = lambda t: gaussian_pf_ode_solution(GAUSS, schedule, xT, grid.t[0].item(), t)  # noqa: E731
-    run = sampler.solver.steps(grid, None)
-    _, t = next(run)
-    x, k = xT, 0
-    while t is not None:
-        x, t = run.send((x, den(x, t)))
-        k += 1
-        if k <= exact_start:
-            x = exact(grid.t[k].item())
-    return (x - exact(grid.t[-1].item())).abs().max().item()
-
-
-def measured_order(errors, steps):
-    return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    sampler = Sampler(ExactDenoiser(GAUSS, schedule), name, steps=steps, timesteps=timesteps, final="t_min",
+                      **options)
+    return convergence.endpoint_error(sampler, GAUSS, x_start(), exact_start)
 
 
 ORDER_CASES = [
