@@ -135,13 +135,30 @@ class ModelDenoiser(Denoiser):
         self.clip, self.dynamic_threshold = clip, dynamic_threshold
         self.cond = cond
 
+    @classmethod
+    def from_diffusers(cls, unet: nn.Module, scheduler_config, encoder_hidden_states: Tensor | None = None,
+                       **kwargs) -> "ModelDenoiser":
+        """A diffusers UNet (or transformer) with the noise schedule and prediction type of a DDPM-family
+        ``scheduler.config``, e.g. ``ModelDenoiser.from_diffusers(pipe.unet, pipe.scheduler.config)``."""
+        from .schedules import DiscreteVPSchedule
+
+        schedule = DiscreteVPSchedule.from_diffusers_config(scheduler_config)
+        prediction_type = dict(scheduler_config).get("prediction_type", "epsilon")
+        return cls(diffusers_unet_fn(unet, encoder_hidden_states), schedule, prediction_type, **kwargs)
+
     def call_model(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         t_model = self.model_time(t) if self.model_time is not None else t
         t_model = t_model.to(device=x.device, dtype=torch.float32)
         if t_model.ndim == 0:
             t_model = t_model.expand(x.shape[0])
-        out = self.model(x, t_model, **{**self.cond, **cond})
-        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+        x_in = x
+        if isinstance(self.model, nn.Module):  # run the network in its own precision
+            param = next(self.model.parameters(), None)
+            if param is not None and param.is_floating_point():
+                x_in = x.to(param.dtype)
+        out = self.model(x_in, t_model, **{**self.cond, **cond})
+        out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+        return out.to(x.dtype)
 
     def forward(self, x: Tensor, t, **cond) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64)
