@@ -120,7 +120,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         tail = Grid(self.grid.t[i:], self.grid.alpha[i:], self.grid.sigma[i:], schedule=self.grid.schedule)
         if self.solver.plan(tail) != self._plan[begin_index:]:
             raise ValueError(f"{self.solver.name} cannot start at model call {begin_index} (inside a multi-call step)")
-        self._start(tail)
+        self._start(tail)  # the plan (and so the step indices) stay those of the whole run
         self._begin_index = begin_index
 
     def __len__(self) -> int:
@@ -142,13 +142,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             spacing, n = self._spacing, check_steps(num_inference_steps)
         final = "zero" if self.config.final_sigmas_type == "zero" else "t_min"
         self.num_inference_steps = n
-        self._start(spacing.grid(self.noise_schedule, n, final=final))
+        self.grid = spacing.grid(self.noise_schedule, n, final=final)
+        self._plan = self.solver.plan(self.grid)
+        self._start(self.grid)
         self.timesteps = _as_timestep_tensor(self._plan, device)
         self._begin_index = None
 
     def _start(self, grid: Grid):
-        self.grid = grid
-        self._plan = self.solver.plan(grid)
+        """A fresh solver run over ``grid`` (the whole grid, or its tail for img2img)."""
         self._run = self.solver.steps(grid, self._noise)
         next(self._run)
         self._step_index = None
@@ -193,7 +194,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:
             r = self.config.clip_sample_range
             x0 = pred.x0.clamp(-r, r)
-        return Prediction(x0, (x - broadcast_like(alpha, x) * x0) / broadcast_like(sigma, x))
+        # As diffusers' schedulers (DDIM's use_clipped_model_output=False): the clipped x0 with the
+        # network's own eps. ModelDenoiser(clip=...) instead recomputes eps from the clipped x0.
+        return Prediction(x0, pred.eps)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The forward process ``alpha_t x0 + sigma_t eps`` at (per-sample) ``timesteps``."""

@@ -1,0 +1,82 @@
+"""Shared test fixtures: tiny, randomly initialised diffusers models built from configs (no downloads).
+
+Random UNets predict noise that has nothing to do with their input, so a few solver steps blow the
+sample up. ``near_consistent`` makes a network's output stay close to a self-consistent prediction
+(``eps ~ x`` or ``v ~ 0``, i.e. ``x0_hat ~ (1 - sigma) x / alpha`` or ``alpha x``: of order one at
+every noise level), plus a small random, input- and time-dependent part that still makes every
+solver step depend on the network.
+diffusers is imported inside the fixtures, so test files that do not use them never pay for it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+#: The consistent part, a multiple of ``x``: ``eps ~ x``; ``v ~ 0`` (then ``x0 = alpha x``, ``eps = sigma x``).
+_BASE = {"epsilon": 1.0, "v_prediction": 0.0}
+
+
+def near_consistent(model_cls):
+    """A subclass of a diffusers model class returning ``base * x + scale * model(x, t, ...)``.
+
+    Keeps the model's config, ``dtype``, ``device`` and both output conventions (``.sample`` and
+    ``return_dict=False``), so diffusers pipelines call it like the original.
+    """
+
+    class NearConsistent(model_cls):
+        prediction_type = "epsilon"
+        scale = 0.01
+
+        def forward(self, sample, timestep, *args, return_dict: bool = True, **kwargs):
+            out = super().forward(sample, timestep, *args, return_dict=True, **kwargs)
+            value = _BASE[self.prediction_type] * sample + self.scale * out.sample
+            return type(out)(sample=value) if return_dict else (value,)
+
+    NearConsistent.__name__ = NearConsistent.__qualname__ = f"NearConsistent{model_cls.__name__}"
+    return NearConsistent
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_unet():
+    """``make(prediction_type="epsilon", sample_size=8, channels=3)``: a ~0.16M-parameter UNet2DModel."""
+    from diffusers import UNet2DModel
+
+    cls = near_consistent(UNet2DModel)
+
+    def make(prediction_type: str = "epsilon", sample_size: int = 8, channels: int = 3, seed: int = 0):
+        _seeded(seed)
+        unet = cls(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                   block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+        unet.prediction_type = prediction_type
+        return unet
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_components():
+    """Components of a Stable-Diffusion-style pipeline, tiny: conditional UNet (4 latent channels,
+    cross-attention dim 32), a one-level AutoencoderKL and a one-layer CLIP text encoder."""
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _seeded(0)
+    unet = near_consistent(UNet2DConditionModel)(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        layers_per_block=1, norm_num_groups=8).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=16, bos_token_id=0,
+                                                eos_token_id=2, pad_token_id=1)).eval()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
