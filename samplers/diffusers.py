@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .denoisers import Prediction, broadcast_like, canonical_prediction_type, convert_prediction, dynamic_threshold
-from .sampler import SAMPLERS, make_solver
+from .sampler import make_solver
 from .schedules import DiscreteVPSchedule
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
 
@@ -81,7 +81,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = torch.from_numpy(_reversed_arange(num_train_timesteps))
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self.grid: Grid | None = None
         self._run = None
         self._plan: list[float] = []
@@ -219,19 +219,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return len(self._plan)
 
 
-def _reversed_arange(n: int):
-    import numpy as np
-
-    return np.arange(0, n)[::-1].copy()
-
-
 def _as_timestep_tensor(plan: list[float], device) -> Tensor:
     """Integer timesteps when every planned time is integral (what DDPM-trained UNets saw), else float."""
     t = torch.tensor(plan, dtype=torch.float64)
     if torch.all(t == torch.round(t)):
         return t.long().to(device)
     return t.float().to(device)
-
-
-def available_samplers() -> list[str]:
-    return sorted(SAMPLERS)

@@ -164,13 +164,10 @@ class Sampler:
         return out.to(dtype)
 
     def prior_sample(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """``x_T`` drawn from the prior at the grid's first time: ``sigma(t_0) z`` for a pure-noise prior
-        (``alpha`` at ``t_0`` is treated as 0 for VE/EDM, where ``sigma`` dominates; VP: ``z``)."""
+        """``x_T`` from the prior: standard normal for VP schedules (diffusers' ``init_noise_sigma = 1``),
+        ``sigma(t_0) z`` otherwise (EDM / flow matching, where the signal is negligible at ``t_0``)."""
         z = torch.randn(shape, generator=generator, device=device)
-        scale = float(self.grid.sigma[0])
-        if self.schedule.variance_preserving:
-            return z  # diffusers' convention: init_noise_sigma = 1 even where sigma(T) < 1
-        return z * scale
+        return z if self.schedule.variance_preserving else z * float(self.grid.sigma[0])
 
     def __repr__(self) -> str:
         return (f"Sampler({self.solver!r}, steps={self.steps}, nfe={self.nfe}, timesteps={self.timesteps!r}, "

@@ -13,7 +13,7 @@ drives the native loop (``samplers.sampler.Sampler``) and the diffusers adapter'
 from __future__ import annotations
 
 import math
-from typing import Callable, Generator, Iterator, Optional
+from typing import Callable, Generator, Optional
 
 import torch
 from torch import Tensor

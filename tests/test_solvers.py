@@ -1,8 +1,6 @@
 """Solver claims on the exact Gaussian testbed: convergence order, equivalences, NFE accounting."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

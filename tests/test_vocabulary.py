@@ -1,12 +1,11 @@
 """Schedules, timestep grids and denoiser wrappers: the shared vocabulary, checked against closed forms
 and against diffusers."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from samplers import (CFGDenoiser, ContinuousVPSchedule, DiffusersSpacing, DiscreteVPSchedule, EDMSchedule,
                       ExplicitTimesteps, FlowMatchingSchedule, Grid, Karras, LogSNRUniform, ModelDenoiser,
