@@ -300,7 +300,7 @@ class DPMSolverPP(Solver):
 
     def steps(self, grid, noise):
         t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, m, hs = grid.n_steps, None, [], []
+        n, x_next, m, hs, to_data = grid.n_steps, None, [], [], grid.ends_at_data
         for i in range(n):
             x, pred = yield x_next, t[i]
             h = lam[i + 1] - lam[i]
@@ -308,7 +308,7 @@ class DPMSolverPP(Solver):
             if h == 0:  # zero-length final step (diffusers' leading grids can end on t_min)
                 x_next = x
                 continue
-            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
+            order = _multistep_order(i, n, self.order, self.lower_order_final, to_data)
             if order == 1:
                 x_next = dpmpp_first_order(x, m[-1], sigma[i], alpha[i + 1], sigma[i + 1], h)
             elif order == 2:
@@ -335,12 +335,12 @@ class SDEDPMSolverPP(Solver):
 
     def steps(self, grid, noise):
         t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, m, h_prev = grid.n_steps, None, [], None
+        n, x_next, m, h_prev, to_data = grid.n_steps, None, [], None, grid.ends_at_data
         for i in range(n):
             x, pred = yield x_next, t[i]
             h = lam[i + 1] - lam[i]
             m = (m + [pred.x0])[-2:]
-            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
+            order = _multistep_order(i, n, self.order, self.lower_order_final, to_data)
             if h == 0:
                 x_next = x
             elif order == 1:
