@@ -7,7 +7,7 @@ flow velocity), classifier-free guidance and thresholding live here, never in a 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,16 +35,53 @@ PREDICTION_TYPES = {
 }
 
 
-class Prediction(NamedTuple):
-    x0: Tensor
-    eps: Tensor
+class Prediction:
+    """The pair ``(x0, eps)`` tied by ``x = alpha x0 + sigma eps``.
+
+    Give both, or one of them with ``x``, ``alpha``, ``sigma``: the other is then derived on first
+    use only, so a solver that reads only ``eps`` (Euler, PLMS) or only ``x0`` (DPM-Solver++) pays
+    for no conversion. Unpacks as ``x0, eps = prediction``.
+    """
+
+    __slots__ = ("_x0", "_eps", "_x", "_alpha", "_sigma")
+
+    def __init__(self, x0: Tensor | None = None, eps: Tensor | None = None, *, x: Tensor | None = None,
+                 alpha=None, sigma=None):
+        if x0 is None and eps is None:
+            raise ValueError("a Prediction needs x0 or eps")
+        if (x0 is None or eps is None) and (x is None or alpha is None or sigma is None):
+            raise ValueError("deriving x0 from eps (or eps from x0) needs x, alpha and sigma")
+        self._x0, self._eps, self._x, self._alpha, self._sigma = x0, eps, x, alpha, sigma
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._x0 = (self._x - self._sigma * self._eps) / self._alpha
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._eps = (self._x - self._alpha * self._x0) / self._sigma
+        return self._eps
+
+    def __iter__(self):
+        return iter((self.x0, self.eps))
+
+    def __repr__(self) -> str:
+        return f"Prediction(x0={tuple(self.x0.shape)}, eps={tuple(self.eps.shape)})"
 
 
-def broadcast_like(c, x: Tensor) -> Tensor:
-    """A scalar or per-sample coefficient shaped to broadcast against ``x`` (float64 -> ``x.dtype``)."""
-    c = torch.as_tensor(c, device=x.device)
-    c = c.to(x.dtype) if c.is_floating_point() else c.to(x.dtype)
-    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) if c.ndim else c
+def broadcast_like(c, x: Tensor):
+    """A coefficient ready to multiply ``x``: scalars become Python floats (the cheapest operand),
+    per-sample tensors are cast to ``x.dtype`` and shaped ``[B, 1, ..., 1]``."""
+    if isinstance(c, (int, float)):
+        return float(c)
+    c = torch.as_tensor(c)
+    if c.ndim == 0:
+        return c.item()
+    c = c.to(device=x.device, dtype=x.dtype)
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
 
 def canonical_prediction_type(prediction_type: str) -> str:
@@ -73,9 +110,9 @@ def convert_prediction(output: Tensor, x: Tensor, alpha, sigma, prediction_type:
             raise ValueError(f"model output shape {tuple(output.shape)} does not match input {tuple(x.shape)}")
     a, s = broadcast_like(alpha, x), broadcast_like(sigma, x)
     if kind == "eps":
-        return Prediction((x - s * output) / a, output)
+        return Prediction(eps=output, x=x, alpha=a, sigma=s)
     if kind == "x0":
-        return Prediction(output, (x - a * output) / s)
+        return Prediction(x0=output, x=x, alpha=a, sigma=s)
     if kind == "v":
         norm = a * a + s * s
         return Prediction((a * x - s * output) / norm, (s * x + a * output) / norm)
@@ -175,7 +212,7 @@ class ModelDenoiser(Denoiser):
             return pred
         x0 = pred.x0.clamp(-self.clip, self.clip) if self.clip is not None else dynamic_threshold(
             pred.x0, *self.dynamic_threshold)
-        return Prediction(x0, (x - broadcast_like(alpha, x) * x0) / broadcast_like(sigma, x))
+        return Prediction(x0=x0, x=x, alpha=broadcast_like(alpha, x), sigma=broadcast_like(sigma, x))
 
 
 class CFGDenoiser(Denoiser):
@@ -194,8 +231,9 @@ class CFGDenoiser(Denoiser):
 
     def forward(self, x: Tensor, t) -> Prediction:
         cond, uncond = self.conditional(x, t), self.unconditional(x, t)
-        w = self.scale
-        return Prediction(uncond.x0 + w * (cond.x0 - uncond.x0), uncond.eps + w * (cond.eps - uncond.eps))
+        alpha, sigma = self.coefficients(t, x)
+        eps = uncond.eps + self.scale * (cond.eps - uncond.eps)
+        return Prediction(eps=eps, x=x, alpha=broadcast_like(alpha, x), sigma=broadcast_like(sigma, x))
 
 
 def diffusers_unet_fn(unet: nn.Module, encoder_hidden_states: Tensor | None = None, **kwargs) -> Callable:
