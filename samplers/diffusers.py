@@ -23,15 +23,18 @@ from .sampler import make_solver
 from .schedules import DiscreteVPSchedule
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
 
-__all__ = ["FewstepScheduler"]
+__all__ = ["FewstepScheduler", "HeavyBallScheduler", "GHVBScheduler"]
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any fewstep sampler on a discrete VP (DDPM) noise schedule.
 
     Args:
-        sampler: a name from ``samplers.SAMPLERS`` (``"ddim"``, ``"dpmpp_2m"``, ``"pndm"``, ...).
+        sampler: a name from ``samplers.SAMPLERS`` (``"ddim"``, ``"dpmpp_2m"``, ``"pndm"``, ``"ghvb"``, ...);
+            default: the class's ``default_sampler``.
         sampler_options: keyword options of that sampler (e.g. ``{"eta": 0.3}``).
+        momentum, beta, base: shorthands for the momentum samplers' options (``momentum=3.8``), merged
+            into ``sampler_options`` when given.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         rescale_betas_zero_snr: the training noise schedule, as every DDPM-family diffusers scheduler
             reads it (so ``from_config`` of any of them carries it over).
@@ -47,11 +50,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    default_sampler = "dpmpp_2m"
 
     @register_to_config
     def __init__(
         self,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         sampler_options: dict[str, Any] | None = None,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
@@ -68,9 +72,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
+        momentum: float | None = None,
+        beta: float | None = None,
+        base: str | None = None,
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
-        self.solver = make_solver(sampler, **(sampler_options or {}))
+        options = dict(sampler_options or {})
+        options.update({k: v for k, v in dict(momentum=momentum, beta=beta, base=base).items() if v is not None})
+        self.solver = make_solver(sampler or self.default_sampler, **options)
         self.noise_schedule = DiscreteVPSchedule.from_diffusers_config(self.config)
         canonical_prediction_type(prediction_type)
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -225,3 +234,17 @@ def _as_timestep_tensor(plan: list[float], device) -> Tensor:
     if torch.all(t == torch.round(t)):
         return t.long().to(device)
     return t.float().to(device)
+
+
+class HeavyBallScheduler(FewstepScheduler):
+    """Heavy-ball momentum (``samplers.momentum.HeavyBall``) as a diffusers scheduler:
+    ``HeavyBallScheduler.from_config(pipe.scheduler.config, base="dpmsolver++", beta=0.8)``."""
+
+    default_sampler = "hb"
+
+
+class GHVBScheduler(FewstepScheduler):
+    """Generalized heavy ball (``samplers.momentum.GHVB``) as a diffusers scheduler:
+    ``GHVBScheduler.from_config(pipe.scheduler.config, momentum=3.8)``."""
+
+    default_sampler = "ghvb"

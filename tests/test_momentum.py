@@ -1,0 +1,246 @@
+"""Heavy-ball momentum (HB, GHVB): reduction to the base methods at beta = 1, measured orders, stability
+regions, diffusers schedulers, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from samplers import (GHVB, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, HeavyBall, ModelDenoiser, Sampler,
+                      TimeUniform, momentum_number)
+from samplers.convergence import endpoint_error, measured_order
+from samplers.momentum import ghvb_coefficients, plot_stability_regions, real_stability_interval
+from samplers.testbed import ExactDenoiser, GaussianMixture
+
+GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
+EDM, VP = EDMSchedule(), ContinuousVPSchedule("linear")
+EDM_WINDOW = TimeUniform(t_start=3.0, t_end=0.5)  # uniform in sigma_bar: fixed-step AB is genuine AB
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def x_start(n=64):
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def run(denoiser, name, steps=8, **options):
+    return Sampler(denoiser, name, steps=steps, **options).sample(x_start())
+
+
+# -- beta = 1 is the base method ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_beta_one_reproduces_plms(order):
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    plms = run(den, "plms", order=order, warmup="lower_order")
+    assert torch.allclose(run(den, "hb", order=order, beta=1.0), plms, rtol=0, atol=1e-12)
+    assert torch.allclose(run(den, "ghvb", order=order, beta=1.0), plms, rtol=0, atol=1e-12)
+    assert torch.allclose(run(den, "ghvb", momentum=order), plms, rtol=0, atol=1e-12)
+
+
+def test_ghvb_five_at_beta_one_is_ab5():
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    assert torch.allclose(run(den, "ghvb", order=5, beta=1.0), run(den, "plms", order=5, warmup="lower_order"),
+                          rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_beta_one_reproduces_dpm_solver_pp_2m(steps):
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    for lof in [True, False]:
+        assert torch.allclose(run(den, "hb", steps, base="dpmsolver++", beta=1.0, lower_order_final=lof),
+                              run(den, "dpmpp_2m", steps, lower_order_final=lof), rtol=0, atol=1e-12)
+
+
+def test_beta_one_reproduces_base_methods_on_a_unet(make_tiny_unet):
+    from diffusers import DDPMScheduler
+
+    den = ModelDenoiser.from_diffusers(make_tiny_unet(), DDPMScheduler().config)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for steps in [6, 10]:
+        base = Sampler(den, "plms", steps=steps, warmup="lower_order").sample(x)
+        assert torch.allclose(Sampler(den, "ghvb", steps=steps, momentum=4).sample(x), base, atol=1e-6)
+        assert torch.allclose(Sampler(den, "hb", steps=steps, order=4, beta=1.0).sample(x), base, atol=1e-6)
+        dpm = Sampler(den, "dpmpp_2m", steps=steps).sample(x)
+        assert torch.allclose(Sampler(den, "hb", steps=steps, base="dpmsolver++", beta=1.0).sample(x), dpm, atol=1e-6)
+        assert not torch.allclose(Sampler(den, "ghvb", steps=steps, momentum=3.8).sample(x), base, atol=1e-4)
+
+
+def test_momentum_changes_the_result():
+    den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
+    assert not torch.allclose(run(den, "hb", beta=0.8), run(den, "hb", beta=1.0))
+    assert not torch.allclose(run(den, "hb", beta=0.8, nesterov=True), run(den, "hb", beta=0.8))
+    assert not torch.allclose(run(den, "hb", base="dpmsolver++", beta=0.8), run(den, "dpmpp_2m"))
+
+
+# -- orders ----------------------------------------------------------------------------------------
+
+
+ORDER_CASES = [
+    # (sampler, options, schedule, timesteps, exact warm-up, steps, expected order)
+    ("hb", dict(order=4, beta=0.8), EDM, EDM_WINDOW, 3, [32, 64, 128, 256], 1),
+    ("hb", dict(order=2, beta=0.5), EDM, EDM_WINDOW, 1, [32, 64, 128, 256], 1),
+    ("hb", dict(order=4, beta=0.8, nesterov=True), EDM, EDM_WINDOW, 3, [32, 64, 128, 256], 1),
+    ("hb", dict(base="dpmsolver++", beta=0.8, lower_order_final=False), VP, "log_snr", 0, [32, 64, 128, 256], 1),
+    ("ghvb", dict(order=1, beta=0.8), EDM, EDM_WINDOW, 0, [32, 64, 128, 256], 1),
+    ("ghvb", dict(order=2, beta=0.8), EDM, EDM_WINDOW, 1, [32, 64, 128, 256], 2),
+    ("ghvb", dict(order=2, beta=0.5), EDM, EDM_WINDOW, 1, [32, 64, 128, 256], 2),
+    ("ghvb", dict(order=3, beta=0.8), EDM, EDM_WINDOW, 2, [32, 64, 128, 256], 3),
+    ("ghvb", dict(momentum=3.8), EDM, EDM_WINDOW, 3, [32, 64, 128], 4),
+]
+
+
+@pytest.mark.parametrize("name,options,schedule,timesteps,exact_start,steps,order", ORDER_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in ORDER_CASES])
+def test_measured_order(name, options, schedule, timesteps, exact_start, steps, order):
+    errors = [endpoint_error(Sampler(ExactDenoiser(GAUSS, schedule), name, steps=n, timesteps=timesteps,
+                                     final="t_min", **options), GAUSS, x_start(), exact_start) for n in steps]
+    # GHVB's velocity starts at v = eps (no history), a transient that slows the approach to order 4
+    assert measured_order(errors, steps) == pytest.approx(order, abs=0.6 if order == 4 else 0.4), errors
+
+
+# -- stability regions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order,interval", [(1, -2.0), (2, -1.0), (3, -6 / 11), (4, -3 / 10)])
+def test_adams_bashforth_real_stability_intervals(order, interval):
+    assert real_stability_interval("hb", order=order, beta=1.0) == pytest.approx(interval, abs=1e-6)
+    assert real_stability_interval("ghvb", order=order, beta=1.0) == pytest.approx(interval, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.8, 0.5])
+def test_heavy_ball_euler_interval_matches_closed_form(beta):
+    # x' = x + V', V' = (1 - b) V + b z x: stable on the real axis for z > -2 (2 - b) / b
+    assert real_stability_interval("hb", order=1, beta=beta) == pytest.approx(-2 * (2 - beta) / beta, abs=1e-6)
+
+
+def test_momentum_enlarges_the_stability_interval():
+    plms4 = real_stability_interval("hb", order=4, beta=1.0)
+    assert real_stability_interval("hb", order=4, beta=0.8) < plms4
+    assert real_stability_interval("ghvb", order=4, beta=0.8) < plms4
+    assert real_stability_interval("ghvb", order=4, beta=0.5) < real_stability_interval("ghvb", order=4, beta=0.8)
+
+
+def test_ghvb_coefficients_sum_to_one():
+    for order in range(1, 6):
+        for beta in [0.1, 0.5, 0.8, 1.0]:
+            assert sum(ghvb_coefficients(order, beta)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_stability_plot_is_written(tmp_path):
+    path = plot_stability_regions({"PLMS4": dict(method="hb", order=4, beta=1.0),
+                                   "GHVB 3.8": dict(method="ghvb", order=4, beta=0.8)},
+                                  str(tmp_path / "stability.png"), resolution=41)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# -- diffusers ----------------------------------------------------------------------------------------
+
+
+def test_schedulers_in_ddpm_pipeline_match_the_native_samplers(make_tiny_unet):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from samplers.diffusers import GHVBScheduler, HeavyBallScheduler
+
+    unet, config = make_tiny_unet(), DDPMScheduler().config
+    den = ModelDenoiser.from_diffusers(unet, config)
+    for scheduler, name, options in [
+        (GHVBScheduler.from_config(config, momentum=3.8), "ghvb", dict(momentum=3.8)),
+        (HeavyBallScheduler.from_config(config, base="plms", beta=0.8), "hb", dict(beta=0.8)),
+        (HeavyBallScheduler.from_config(config, base="dpmsolver++", beta=0.8), "hb",
+         dict(base="dpmsolver++", beta=0.8)),
+    ]:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+        x_T = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+        native = Sampler(den, name, steps=8, **options).sample(x_T)
+        expected = (native / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        assert np.abs(images - expected).max() <= 1e-5, name
+
+
+def test_scheduler_round_trip_keeps_momentum(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from samplers.diffusers import GHVBScheduler
+
+    s = GHVBScheduler.from_config(DDIMScheduler().config, momentum=2.5)
+    s.save_pretrained(tmp_path)
+    loaded = GHVBScheduler.from_pretrained(tmp_path)
+    assert (loaded.solver.order, loaded.solver.beta) == (3, 0.5)
+
+
+def test_heavy_ball_dpm_in_stable_diffusion_with_cfg_matches_diffusers_at_beta_one(tiny_sd_components):
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    from samplers.diffusers import HeavyBallScheduler
+
+    sd_config = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False).config
+    pipe = StableDiffusionPipeline(**tiny_sd_components, scheduler=PNDMScheduler.from_config(sd_config),
+                                   tokenizer=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        cond = pipe.text_encoder(torch.randint(0, 100, (1, 16), generator=g))[0]
+        uncond = pipe.text_encoder(torch.randint(0, 100, (1, 16), generator=g))[0]
+
+    def latents(scheduler):
+        pipe.scheduler = scheduler
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, num_inference_steps=8,
+                    height=8, width=8, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+
+    ref = latents(DPMSolverMultistepScheduler.from_config(sd_config, timestep_spacing="trailing"))
+    hb1 = latents(HeavyBallScheduler.from_config(sd_config, base="dpmsolver++", beta=1.0, timestep_spacing="trailing"))
+    hb8 = latents(HeavyBallScheduler.from_config(sd_config, base="dpmsolver++", beta=0.8, timestep_spacing="trailing"))
+    assert (hb1 - ref).abs().max() <= 1e-5
+    assert (hb8 - ref).abs().max() > 1e-4
+    assert torch.isfinite(hb8).all()
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def test_momentum_number_shorthand():
+    assert momentum_number(3.8) == (4, pytest.approx(0.8))
+    assert momentum_number(2.5) == (3, 0.5)
+    assert momentum_number(1) == (1, 1.0)
+    assert momentum_number(0.5) == (1, 0.5)
+    assert (GHVB(momentum=3.8).order, GHVB(momentum=3.8).beta) == (4, pytest.approx(0.8))
+
+
+@pytest.mark.parametrize("ctor,match", [
+    (lambda: momentum_number(0), "positive"),
+    (lambda: momentum_number(-1.5), "positive"),
+    (lambda: momentum_number(6.2), "orders 1..5"),
+    (lambda: momentum_number(float("nan")), "positive"),
+    (lambda: GHVB(momentum=6.2), "orders 1..5"),
+    (lambda: GHVB(order=4, beta=0.0), "beta"),
+    (lambda: GHVB(order=4, beta=1.2), "beta"),
+    (lambda: GHVB(order=6, beta=0.5), "order"),
+    (lambda: HeavyBall(order=5, beta=0.5), "order"),
+    (lambda: HeavyBall(beta=-0.1), "beta"),
+    (lambda: HeavyBall(base="unipc"), "base"),
+    (lambda: HeavyBall(base="dpmsolver++", momentum=3.8), "2M"),
+    (lambda: HeavyBall(base="dpmsolver++", nesterov=True), "Nesterov"),
+    (lambda: real_stability_interval("euler"), "unknown method"),
+])
+def test_bad_momentum_arguments_raise(ctor, match):
+    with pytest.raises(ValueError, match=match):
+        ctor()
+
+
+def test_bad_momentum_in_diffusers_config_raises():
+    from samplers.diffusers import GHVBScheduler
+
+    with pytest.raises(ValueError, match="orders 1..5"):
+        GHVBScheduler(momentum=6.2)
