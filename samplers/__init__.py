@@ -3,6 +3,7 @@
 from .denoisers import CFGDenoiser, Denoiser, ModelDenoiser, Prediction, convert_prediction, diffusers_unet_fn
 from .sampler import SAMPLERS, Sampler, make_solver
 from .momentum import GHVB, HeavyBall, momentum_number  # registers "hb" and "ghvb"
+from .timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet
 from .schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                         Schedule)
 from .solvers import DDIM, DDPM, PNDM, DPMSolverPP, Euler, Heun, SDEDPMSolverPP, Solver
@@ -17,4 +18,5 @@ __all__ = [
     "Solver", "DDIM", "DDPM", "DPMSolverPP", "SDEDPMSolverPP", "PNDM", "Euler", "Heun",
     "Sampler", "SAMPLERS", "make_solver",
     "HeavyBall", "GHVB", "momentum_number",
+    "TimeShift", "TimeShiftDenoiser", "TimeShiftUNet",
 ]
