@@ -82,7 +82,76 @@ def _check_demo(opts: dict) -> None:
         make_timesteps(opts["timesteps"])  # raises ValueError naming the known grids
 
 
-#: Subcommand -> how to run it. Planned: ``train-teacher`` (distill), ``fid`` and ``sweep`` (eval).
+def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gen", required=True, metavar="PATH",
+                   help="generated images: a folder, a .pt uint8 tensor [N, C, H, W], or a .npz of mu/sigma")
+    p.add_argument("--ref", required=True, metavar="PATH",
+                   help="reference: a folder, a .pt image tensor, or a .npz (EDM's fid-refs, or saved by --save); "
+                        "image references are cached by content")
+    _add_extractor_arguments(p)
+    p.add_argument("--save", metavar="FILE.npz", help="write the generated side's statistics (with their protocol)")
+    p.add_argument("--json", dest="json_out", action="store_true", help="print the score and protocol as JSON")
+
+
+def _add_extractor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", metavar="NAME",
+                   help="feature extractor: inception-v3-compat (default), any torch-fidelity name, or fewstep-tiny")
+    p.add_argument("--layer", metavar="NAME",
+                   help="extractor feature (default: the one it uses for FID, 2048 for Inception)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="local extractor weights (Inception: else $FEWSTEP_INCEPTION_WEIGHTS, else torch hub's cache "
+                        "or download)")
+    p.add_argument("--batch-size", type=_int_at_least(1, "batch-size"), help="images per batch (default: 64)")
+    p.add_argument("--kid-subset-size", type=_int_at_least(2, "kid-subset-size"),
+                   help="also compute KID with subsets of this size (needs that many images on both sides)")
+    p.add_argument("--prc-k", type=_int_at_least(1, "prc-k"), help="also compute precision/recall with k-NN balls")
+    p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default: $FEWSTEP_CACHE/fid-refs)")
+
+
+def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samplers", nargs="+", metavar="NAME", help="registry names (default: ddim dpmpp_2m)")
+    p.add_argument("--nfe", nargs="+", type=_int_at_least(1, "NFE"), metavar="N", help="NFE values (default: 2 4 8)")
+    p.add_argument("--n", type=_int_at_least(2, "n"), help="generated images per cell (default: 256)")
+    p.add_argument("--seed", type=int, help="first seed; repeat r uses seeds seed + r*n ... (default: 0)")
+    p.add_argument("--repeats", type=_int_at_least(1, "repeats"), help="disjoint seed ranges per cell (default: 1)")
+    p.add_argument("--model", help="'testbed' (exact Gaussian mixture over images); YAML also takes a mapping")
+    p.add_argument("--reference", help="'model' (testbed data), an image folder, a .pt image tensor or a .npz")
+    p.add_argument("--n-reference", type=_int_at_least(2, "n-reference"), help="reference images (default: 1024)")
+    p.add_argument("--timesteps", metavar="NAME", help="timestep grid (default: the sampler's)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/sweep)")
+    _add_extractor_arguments(p)
+
+
+def _check_sweep(opts: dict) -> None:
+    """Validate sweep options (also those from a config file) before the job starts."""
+    from samplers.sampler import SAMPLERS
+
+    names = opts.get("samplers") or []
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown:
+        raise ValueError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SAMPLERS)}")
+    nfe = opts.get("nfe", [1])
+    if (not isinstance(nfe, (list, tuple)) or not nfe
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfe)):
+        raise ValueError(f"NFE must be integers >= 1, got {nfe!r}")
+    for key in ("n", "repeats", "n_reference", "batch_size"):
+        value = opts.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if opts.get("kid_subset_size") is not None and opts["kid_subset_size"] > opts.get("n", 256):
+        raise ValueError(f"kid_subset_size {opts['kid_subset_size']} exceeds n={opts.get('n', 256)} generated images")
+
+
+def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="config_path", required=True, metavar="FILE.yaml",
+                   help="sections train / model / scheduler / data (see configs/teacher_fmnist.yaml)")
+    p.add_argument("--max-steps", type=_int_at_least(1, "--max-steps"), default=None,
+                   help="stop after this many more steps; run again to resume")
+    p.add_argument("--output-dir", default=None, help="override train.output_dir")
+
+
+#: Subcommand -> how to run it.
 COMMANDS: dict[str, Command] = {
     "samplers": Command("fewstep_cli", "list_samplers",
                         "list the registered samplers: solver, options with defaults, summary"),
@@ -90,6 +159,17 @@ COMMANDS: dict[str, Command] = {
                     "compare samplers x NFE on the exact Gaussian-mixture testbed (CPU, seconds): "
                     "error to the exact PF-ODE solution and sliced W2 to data",
                     _add_demo_arguments, _check_demo, config=True),
+    "fid": Command("eval.sweep", "fid_main",
+                   "FD (and KID, precision/recall) between generated images and a reference, with its protocol",
+                   _add_fid_arguments),
+    "sweep": Command("eval.sweep", "sweep_main",
+                     "FD of samplers x NFE x seed ranges against one reference: CSV/JSON/Markdown tables and a "
+                     "FD-vs-NFE plot (configs/sweep_*.yaml)",
+                     _add_sweep_arguments, _check_sweep, config=True),
+    "train-teacher": Command("distill.teacher", "cli",
+                             "train a diffusers UNet2DModel teacher with the training core (accelerate, EMA, "
+                             "checkpoints, exact resume); exports a DDPMPipeline",
+                             _add_train_teacher_arguments),
 }
 
 
