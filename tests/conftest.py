@@ -80,3 +80,13 @@ def tiny_sd_components():
                                                 max_position_embeddings=16, bos_token_id=0,
                                                 eos_token_id=2, pad_token_id=1)).eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread (and a busy 2-core machine makes two threads thrash);
+    use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

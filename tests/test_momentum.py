@@ -16,12 +16,7 @@ EDM, VP = EDMSchedule(), ContinuousVPSchedule("linear")
 EDM_WINDOW = TimeUniform(t_start=3.0, t_end=0.5)  # uniform in sigma_bar: fixed-step AB is genuine AB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def x_start(n=64):

@@ -19,12 +19,7 @@ DATA = GaussianMixture.gaussian(256, mean=0.0, std=0.7)
 LEADING = DiffusersSpacing("leading")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def x_start(n=64, dim=256, seed=0):
