@@ -4,6 +4,9 @@ from .denoisers import CFGDenoiser, Denoiser, ModelDenoiser, Prediction, convert
 from .sampler import SAMPLERS, Sampler, make_solver
 from .momentum import GHVB, HeavyBall, momentum_number  # registers "hb" and "ghvb"
 from .timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet
+from . import mr  # noqa: E402  (MR diffusion: schedule, denoiser, MRSampler)
+
+mr.register_mr_samplers()  # "mrs_data", "mrs_noise", "mrs_sde_data", "mrs_sde_noise"
 from .schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                         Schedule)
 from .solvers import DDIM, DDPM, PNDM, DPMSolverPP, Euler, Heun, SDEDPMSolverPP, Solver
@@ -19,4 +22,5 @@ __all__ = [
     "Sampler", "SAMPLERS", "make_solver",
     "HeavyBall", "GHVB", "momentum_number",
     "TimeShift", "TimeShiftDenoiser", "TimeShiftUNet",
+    "mr",
 ]

@@ -492,3 +492,95 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> Tensor:
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
             + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Mean-reverting (MR) diffusion: data x0 ~ mixture, condition mu, x_t = alpha x0 + (1 - alpha) mu + sigma eps.
+# In y = x - mu the path is y_t = alpha y0 + sigma eps with y0 = x0 - mu, so everything above applies in y.
+
+
+def mr_mixture_in_y(mixture: GaussianMixture, mu) -> GaussianMixture:
+    """The distribution of ``y0 = x0 - mu`` for one shared condition ``mu [D]``: the means shifted by ``-mu``."""
+    mu = _f64(mu).reshape(-1)
+    if mu.shape != (mixture.dim,):
+        raise ValueError(f"mu must flatten to the mixture's dim {mixture.dim}, got {mu.numel()} values")
+    return GaussianMixture(mixture.means - mu, mixture.variances, mixture.weights, mixture.classes)
+
+
+def mr_marginal(mixture: GaussianMixture, mu, alpha, sigma) -> GaussianMixture:
+    """Exact MR marginal of ``x_t``: ``sum_k w_k N(alpha m_k + (1 - alpha) mu, alpha^2 v_k + sigma^2)``."""
+    mu = _f64(mu).reshape(-1)
+    alpha = float(alpha)
+    noised = mixture.noised(alpha, sigma)
+    return GaussianMixture(noised.means + (1 - alpha) * mu, noised.variances, noised.weights, noised.classes)
+
+
+class ExactMRDenoiser(ExactDenoiser):
+    """The Bayes-optimal MR denoiser of ``x0 ~ mixture`` given the condition ``mu``, in ``y = x - mu``.
+
+    Built with a shared ``mu [D]`` it is the ``ExactDenoiser`` of ``mr_mixture_in_y(mixture, mu)`` (so the
+    exact PF-ODE solutions and ``convergence.endpoint_error`` apply in ``y``). ``forward(y, t, mu=...)``
+    also takes a per-sample condition ``mu [B, *S]``: ``E[x0 | y]`` is the mixture's posterior at
+    ``y + alpha mu = alpha x0 + sigma eps``; it returns ``Prediction(x0_hat - mu, eps_hat)``.
+    ``schedule``: an ``MRSchedule`` (any ``Schedule`` works in ``y``).
+    """
+
+    def __init__(self, mixture: GaussianMixture, schedule: Schedule, mu):
+        super().__init__(mr_mixture_in_y(mixture, mu), schedule)
+        self.data, self.mu = mixture, _f64(mu).reshape(-1)
+        self.sample_shape = None
+
+    def forward(self, y: Tensor, t, mu: Tensor | None = None) -> Prediction:
+        if mu is None:
+            return super().forward(y, t)
+        if mu.shape != y.shape and tuple(mu.shape) != tuple(y.shape[1:]):
+            raise ValueError(f"mu of shape {tuple(mu.shape)} does not match the sample's {tuple(y.shape)}")
+        if y[0].numel() != self.data.dim:
+            raise ValueError(f"sample shape {tuple(y.shape[1:])} does not flatten to the mixture's dim {self.data.dim}")
+        alpha, sigma = self.coefficients(t, y)
+        a = _per_sample(alpha, y.ndim)
+        mu64 = torch.broadcast_to(mu.to(_F64), y.shape)
+        pred = self.data.posterior(y.to(_F64) + a * mu64, alpha, sigma)
+        return Prediction((pred.x0 - mu64).to(y.dtype), pred.eps.to(y.dtype))
+
+
+__all__ += ["mr_mixture_in_y", "mr_marginal", "ExactMRDenoiser"]
+
+
+def affine_output_law(solver, grid, denoiser: Denoiser, mean, var) -> tuple[Tensor, Tensor]:
+    """Exact law ``N(mean_out, diag var_out)`` of a solver's output from ``x_T ~ N(mean, diag var)``, for a
+    denoiser that is affine and coordinate-wise in ``x`` (the ``ExactDenoiser`` of one diagonal Gaussian,
+    e.g. ``ExactMRDenoiser``): the run is then ``x_out = A x_T + sum_k B_k z_k + c`` with diagonal ``A``, ``B_k``.
+
+    One batched run finds every coefficient, so there is no Monte-Carlo error: row 0 starts at ``mean``
+    with no noise (gives ``c + A mean``), row 1 at ``mean + 1`` (gives ``A``), row ``k + 2`` gets a unit
+    noise draw at the ``k``-th noise call only (gives ``B_k``). ``var_out = A^2 var + sum_k B_k^2``.
+    """
+    if getattr(denoiser, "mixture", None) is None or denoiser.mixture.n_components != 1:
+        raise ValueError("affine_output_law needs the ExactDenoiser of one Gaussian")
+    mean, var = _f64(mean).reshape(-1), _f64(var).reshape(-1)
+    n_calls = len(solver.plan(grid)) + 1 if solver.stochastic else 0  # noise calls <= model calls
+    rows = 2 + n_calls
+    x = mean.expand(rows, -1).clone()
+    x[1] += 1
+    calls = [0]
+
+    def noise(like):
+        z = torch.zeros_like(like)
+        if calls[0] + 2 < rows:
+            z[calls[0] + 2] = 1
+        calls[0] += 1
+        return z
+
+    from .sampler import run_solver
+
+    with torch.no_grad():
+        out = run_solver(solver, grid, denoiser, x, noise)
+    if calls[0] > n_calls:
+        raise RuntimeError(f"the solver drew noise {calls[0]} times, more than its {n_calls} model calls + 1")
+    a = out[1] - out[0]
+    b = out[2:] - out[0]
+    return out[0], a**2 * var + (b**2).sum(0)
+
+
+__all__ += ["affine_output_law"]
