@@ -1,0 +1,259 @@
+"""Feature extractors: torch-fidelity's (``inception-v3-compat`` by default; any name it registers) and
+our own, behind one wrapper that fixes the input contract and names its protocol.
+
+    fx = FeatureExtractor()                                  # TF-Inception pool3, 2048-d
+    fx = FeatureExtractor("inception-v3-compat", weights="/data/weights-inception-2015-12-05-6726825d.pth")
+    feats = fx(images)                                       # [B, D] float32; uint8 or float [-1, 1] images
+
+Inception weights come from, in order: ``weights=``, the environment variable
+``FEWSTEP_INCEPTION_WEIGHTS`` (a file, or a directory holding ``INCEPTION_FILE``), torch hub's cache
+(where torch-fidelity's normal download puts it), then that download unless ``download=False``. When
+none works, ``WeightsUnavailable`` names the file and the URL to fetch.
+
+Our own extractors subclass torch-fidelity's ``FeatureExtractorBase`` and are registered with
+``register_extractor`` (also into torch-fidelity's registry, so ``calculate_metrics`` can use them).
+``fewstep-tiny`` is a small, fixed, download-free extractor for tests and offline demos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .protocol import EDM_UINT8, Protocol, to_uint8
+
+__all__ = [
+    "FeatureExtractor", "WeightsUnavailable", "register_extractor", "EXTRACTORS", "TinyExtractor",
+    "inception_weights", "INCEPTION_URL", "INCEPTION_FILE", "WEIGHTS_ENV", "prepare_images",
+]
+
+#: torch-fidelity's converted TF-Inception (2015-12-05) weights; the name's suffix is its SHA-256 prefix.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+INCEPTION_SHA_PREFIX = "6726825d"
+WEIGHTS_ENV = "FEWSTEP_INCEPTION_WEIGHTS"
+
+#: Resize conventions of the extractors we know (``Protocol.resize``).
+RESIZE = {
+    "inception-v3-compat": "tf1-bilinear-299",
+    "vgg16": "tf1-bilinear-224",
+}
+
+#: Our own extractors: name -> (class, resize convention). torch-fidelity's are found in its registry.
+EXTRACTORS: dict[str, tuple[type, str]] = {}
+
+
+class WeightsUnavailable(RuntimeError):
+    """The extractor's weights are neither local nor downloadable."""
+
+
+def register_extractor(name: str, cls: type, resize: str) -> None:
+    """Register our extractor ``cls`` (a ``torch_fidelity.FeatureExtractorBase`` whose ``__init__`` takes
+    ``(name, features_list, **kwargs)``) under ``name``, here and in torch-fidelity's registry. Registering
+    the same class twice is a no-op; another class under a taken name raises."""
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if not (isinstance(cls, type) and issubclass(cls, FeatureExtractorBase)):
+        raise TypeError("an extractor must subclass torch_fidelity.FeatureExtractorBase")
+    taken = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"feature extractor {name!r} is already registered as {taken.__name__}")
+    if taken is None:
+        register_feature_extractor(name, cls)
+    EXTRACTORS[name] = (cls, resize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _missing_message(where: str) -> str:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return (f"Inception weights not available ({where}). Fetch {INCEPTION_FILE} from {INCEPTION_URL} "
+            f"and either put it at {hub} (torch-fidelity's download location), set {WEIGHTS_ENV}=/path/to/"
+            f"{INCEPTION_FILE}, or pass weights=/path/to/{INCEPTION_FILE} (--weights on the command line)")
+
+
+def _existing_file(path: str | Path, source: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / INCEPTION_FILE
+    if not p.is_file():
+        raise WeightsUnavailable(_missing_message(f"{source} points to {p}, which does not exist"))
+    return p
+
+
+def inception_weights(weights: str | Path | None = None, download: bool = True) -> Path:
+    """The local path of the Inception weights (see the module docstring for the order searched)."""
+    if weights is not None:
+        return _existing_file(weights, "weights=")
+    if os.environ.get(WEIGHTS_ENV):
+        return _existing_file(os.environ[WEIGHTS_ENV], WEIGHTS_ENV)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return cached
+    if not download:
+        raise WeightsUnavailable(_missing_message("not in torch hub's cache and download=False"))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_SHA_PREFIX, progress=False)
+    except Exception as err:  # offline, proxy, partial file: all end the same way
+        raise WeightsUnavailable(_missing_message(f"download failed: {type(err).__name__}: {err}")) from None
+    return cached
+
+
+def _weights_identity(path: Path | None, module: torch.nn.Module) -> str:
+    """``inception-2015-12-05`` for torch-fidelity's file (by content), else ``sha256:<16 hex>`` of the
+    file, or of the module's tensors when there is no file."""
+    if path is not None:
+        digest = _sha256(path)
+        if digest.startswith(INCEPTION_SHA_PREFIX):
+            return "inception-2015-12-05"
+        return f"sha256:{digest[:16]}"
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Input contract
+
+
+def prepare_images(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
+    """``[B, C, H, W]`` uint8 (kept) or float in ``value_range`` (quantised by ``to_uint8``) ->
+    ``[B, 3, H, W]`` uint8; one channel is repeated to three (as EDM does for grayscale)."""
+    if not torch.is_tensor(images):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be [batch, channels, height, width], got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (channels first), got {images.shape[1]} "
+                         f"in shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        x = images
+    elif torch.is_floating_point(images):
+        lo, hi = value_range
+        if images.numel() and images.abs().max() > 20 * max(abs(lo), abs(hi)):
+            warnings.warn(f"float images reach {images.abs().max().item():.3g}, far outside {value_range}; "
+                          "pass uint8 for [0, 255] data", stacklevel=3)
+        x = to_uint8(images, value_range)
+    else:
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper
+
+
+class FeatureExtractor:
+    """A torch-fidelity extractor (or one of ours) with a fixed input contract and its ``Protocol``.
+
+    ``name``: a registered extractor; ``layer``: its feature (default: the one it uses for FID);
+    ``weights``: a local file (Inception: see ``inception_weights``; others: passed to the extractor as
+    ``feature_extractor_weights_path``); ``value_range``: the range of float inputs, quantised EDM's way.
+    """
+
+    def __init__(self, name: str = "inception-v3-compat", layer: str | None = None, weights: str | Path | None = None,
+                 device: str | torch.device = "cpu", download: bool = True,
+                 value_range: tuple[float, float] = (-1.0, 1.0)):
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            raise ValueError(f"unknown feature extractor {name!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        layer = str(layer) if layer is not None else cls.get_default_feature_layer_for_metric("fid")
+        if layer not in cls.get_provided_features_list():
+            raise ValueError(f"extractor {name!r} has no feature {layer!r}; "
+                             f"it provides {cls.get_provided_features_list()}")
+        path = None
+        if name == "inception-v3-compat":
+            path = inception_weights(weights, download)
+        elif weights is not None:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise WeightsUnavailable(f"weights file {path} for extractor {name!r} does not exist")
+        kwargs = {"feature_extractor_weights_path": str(path)} if path is not None else {}
+        self.module = cls(name, [layer], verbose=False, **kwargs).eval().requires_grad_(False).to(device)
+        self.name, self.layer, self.device, self.value_range = name, layer, torch.device(device), tuple(value_range)
+        resize = EXTRACTORS[name][1] if name in EXTRACTORS else RESIZE.get(name, f"{name}-internal")
+        quantisation = EDM_UINT8 if self.value_range == (-1.0, 1.0) else f"uint8{list(self.value_range)}"
+        self.protocol = Protocol(extractor=name, layer=layer, weights=_weights_identity(path, self.module),
+                                 resize=resize, quantisation=quantisation)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``[B, D]`` float32 features of ``[B, C, H, W]`` images (see ``prepare_images``)."""
+        x = prepare_images(images, self.value_range).to(self.device)
+        (features,) = self.module(x)
+        return features.reshape(features.shape[0], -1)
+
+    def __repr__(self) -> str:
+        return f"FeatureExtractor({self.protocol.describe()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# A small extractor of our own
+
+
+def _tiny_base():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    return FeatureExtractorBase
+
+
+class TinyExtractor(_tiny_base()):
+    """``fewstep-tiny``: 4x4 average-pooled pixels (48 numbers in [0, 1]) through a fixed random
+    linear map (seed 0) and ``tanh``; features ``"16"`` (default) or ``"48"`` (the pooled pixels).
+    No download, microseconds per image: for tests and offline demos, not for reported numbers."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(48, 16, generator=g) * (3.0 / 48 ** 0.5))
+        self.register_buffer("bias", torch.randn(16, generator=g) * 0.1)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("16", "48")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"fid": "16", "kid": "16", "prc": "16", "isc": "16"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
+            raise ValueError(f"expected uint8 [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        pooled = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        out = {"48": pooled, "16": torch.tanh((pooled - 0.5) @ self.proj + self.bias)}
+        return tuple(out[f] for f in self.features_list)
+
+
+register_extractor("fewstep-tiny", TinyExtractor, resize="adaptive-avg-4x4")

@@ -1,0 +1,472 @@
+"""Streaming: image sources -> extractor -> float64 statistics; references; the scores.
+
+    fx = FeatureExtractor("fewstep-tiny")
+    gen = compute_stats(SamplerSource(sampler, range(0, 1000), shape=(3, 32, 32)), fx, keep_features=True)
+    ref = reference_stats(FolderSource("data/cifar10-train"), fx, cache_dir="~/.cache/fewstep")
+    result = score(gen, ref, kid_subset_size=100)      # Score(fd=..., kid=..., protocol=...)
+
+Sources yield image batches (uint8 or float in the extractor's range) and say who they are:
+``identity`` (a content hash, for reference caching) and ``seeds``. ``SamplerSource`` draws ``x_T``
+per seed (``torch.Generator().manual_seed(seed)``), so an image depends on its seed only: the same
+seeds give the same initial noise at every NFE, and any batch split or process shard gives the
+same images. Stochastic samplers draw their step noise from per-seed generators too.
+
+Under ``torch.distributed`` (e.g. ``accelerate launch``) ``compute_stats`` takes this rank's share
+of a shardable source (``shard``) and all-reduces the float64 sums (``stats.all_reduce_stats``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .features import FeatureExtractor
+from .protocol import Protocol
+from .stats import RunningStats, all_reduce_stats, frechet_distance, kernel_distance, precision_recall
+
+__all__ = [
+    "ImageSource", "TensorSource", "DatasetSource", "FolderSource", "SamplerSource", "compute_stats",
+    "FeatureStats", "Score", "score", "reference_stats", "cache_key", "atomic_write_bytes",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sources
+
+
+class ImageSource:
+    """An iterable of image batches ``[B, C, H, W]`` with ``identity`` and ``seeds`` (None for data).
+    ``content_addressed``: the identity hashes the images themselves (only such sources are cached)."""
+
+    seeds: tuple[int, int] | None = None
+    content_addressed: bool = True
+
+    def __iter__(self) -> Iterator[Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def shard(self, rank: int, world: int) -> "ImageSource":
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded across processes")
+
+
+class TensorSource(ImageSource):
+    """Images in one tensor ``[N, C, H, W]`` (uint8, or float in the extractor's range)."""
+
+    def __init__(self, images: Tensor, batch_size: int = 64, name: str = "tensor"):
+        if not torch.is_tensor(images):
+            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        self.images, self.batch_size, self.name = images, int(batch_size), name
+        self._identity: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self):
+        yield from self.images.split(self.batch_size)
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            x = self.images.detach().cpu().contiguous()
+            h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.numpy().tobytes() if x.dtype != torch.bfloat16 else x.float().numpy().tobytes())
+            self._identity = f"{self.name}:{h.hexdigest()[:16]}"
+        return self._identity
+
+    def shard(self, rank: int, world: int) -> "TensorSource":
+        out = TensorSource(self.images[rank::world], self.batch_size, self.name)
+        out._identity = self._identity
+        return out
+
+
+def _item_image(item) -> Tensor:
+    """A dataset item -> ``[C, H, W]`` tensor: tuples/lists give their first element (torchvision's
+    ``(image, label)``), PIL images become uint8 CHW."""
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if not torch.is_tensor(item):
+        try:
+            arr = np.asarray(item.convert("RGB") if hasattr(item, "convert") else item)
+        except Exception:
+            raise TypeError(f"dataset items must be tensors or PIL images, got {type(item).__name__}") from None
+        item = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1) if arr.ndim == 3 else torch.from_numpy(arr)
+    return item
+
+
+class DatasetSource(ImageSource):
+    """A map-style dataset (torch ``Dataset``, torchvision data set, list) of images or ``(image, label)``;
+    ``limit`` keeps the first ``limit`` items. The identity hashes every image (one extra pass over the
+    data, cheap next to feature extraction); ``trust_name=True`` uses ``name`` and the index range
+    instead, for data sets known to be immutable."""
+
+    def __init__(self, dataset, name: str, batch_size: int = 64, limit: int | None = None, trust_name: bool = False):
+        self.dataset, self.name, self.batch_size, self.trust_name = dataset, name, int(batch_size), trust_name
+        self.indices = range(min(len(dataset), limit) if limit else len(dataset))
+        self._identity: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            yield torch.stack([_item_image(self.dataset[i]) for i in idx])
+
+    @property
+    def identity(self) -> str:
+        if self.trust_name:
+            return f"dataset:{self.name}:{self.indices.start}-{self.indices.stop}"
+        if self._identity is None:
+            h = hashlib.sha256()
+            for batch in self:
+                x = batch.contiguous()
+                h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+                h.update(x.numpy().tobytes())
+            self._identity = f"dataset:{self.name}:{h.hexdigest()[:16]}"
+        return self._identity
+
+    def shard(self, rank: int, world: int) -> "DatasetSource":
+        out = object.__new__(DatasetSource)
+        out.__dict__.update(self.__dict__)
+        out.indices = self.indices[rank::world]
+        return out
+
+
+class FolderSource(ImageSource):
+    """Image files in a folder (sorted; ``recursive`` for subfolders), read as uint8 RGB. The identity
+    hashes every file's relative path and bytes, so an edited folder never hits a stale cache."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 64, recursive: bool = False, limit: int | None = None):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise ValueError(f"image folder {self.folder} does not exist")
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in self.folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.folder}")
+        self.files = files[:limit] if limit else files
+        self.batch_size = int(batch_size)
+        self._identity: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self):
+        from PIL import Image
+
+        for start in range(0, len(self.files), self.batch_size):
+            batch = []
+            for p in self.files[start:start + self.batch_size]:
+                with Image.open(p) as im:
+                    batch.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+            yield torch.stack(batch)
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            h = hashlib.sha256()
+            for p in self.files:
+                h.update(str(p.relative_to(self.folder)).encode())
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+            self._identity = f"folder:{self.folder.name}:{h.hexdigest()[:16]}"
+        return self._identity
+
+    def shard(self, rank: int, world: int) -> "FolderSource":
+        out = object.__new__(FolderSource)
+        out.__dict__.update(self.__dict__)
+        out.files = self.files[rank::world]
+        return out
+
+
+def seeded_noise(seeds: Iterable[int], shape: tuple[int, ...], device=None, dtype=torch.float32) -> Tensor:
+    """``[len(seeds), *shape]`` standard normal, row ``i`` from ``torch.Generator().manual_seed(seeds[i])``
+    (on the CPU, so a seed gives the same noise on every device)."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+class _PerSeedNoise:
+    """Step noise for stochastic samplers: row ``i`` from its own generator (seeded ``seed + 2**31``,
+    so it never repeats ``x_T``'s stream), so an image depends on its seed alone."""
+
+    def __init__(self, seeds: Iterable[int]):
+        self.generators = [torch.Generator().manual_seed(int(s) + 2 ** 31) for s in seeds]
+
+    def __call__(self, like: Tensor) -> Tensor:
+        rows = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.generators]
+        return torch.stack(rows).to(like.device)
+
+
+class SamplerSource(ImageSource):
+    """Images from ``sampler.sample(x_T)`` for each seed in ``seeds`` (``range(start, stop)``).
+
+    ``x_T`` is ``seeded_noise`` (standard normal), times the grid's first sigma on non-VP schedules
+    (as ``Sampler.prior_sample``). ``decode`` maps samples to images (e.g. a VAE, or a reshape of
+    testbed vectors); outputs are expected in ``[-1, 1]``. Anything with ``.sample(x_T, noise=...)``
+    works, a student included. The identity names the sampler and seeds, not the network's weights, so
+    ``reference_stats`` never caches a sampler's statistics.
+    """
+
+    content_addressed = False
+
+    def __init__(self, sampler, seeds: range, shape: tuple[int, ...], batch_size: int = 64,
+                 decode: Callable[[Tensor], Tensor] | None = None, device=None, name: str | None = None):
+        if not isinstance(seeds, range) or seeds.step != 1:
+            raise ValueError(f"seeds must be a range(start, stop), got {seeds!r}")
+        self.sampler, self.seed_range, self.shape = sampler, seeds, tuple(shape)
+        self.batch_size, self.decode, self.device = int(batch_size), decode, device
+        self.name = name or repr(sampler)
+        self._subset: range | None = None  # this rank's seeds, when sharded
+
+    @property
+    def seeds(self) -> tuple[int, int]:
+        return (self.seed_range.start, self.seed_range.stop)
+
+    def __len__(self) -> int:
+        return len(self._subset if self._subset is not None else self.seed_range)
+
+    def __iter__(self):
+        seeds = self._subset if self._subset is not None else self.seed_range
+        schedule = getattr(self.sampler, "schedule", None)
+        scale = 1.0
+        if schedule is not None and not getattr(schedule, "variance_preserving", True):
+            scale = float(self.sampler.grid.sigma[0])
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = seeds[start:start + self.batch_size]
+            x_T = seeded_noise(chunk, self.shape, self.device) * scale
+            x0 = self.sampler.sample(x_T, noise=_PerSeedNoise(chunk))
+            yield self.decode(x0) if self.decode is not None else x0
+
+    @property
+    def identity(self) -> str:
+        return f"sampler:{self.name}:seeds{self.seeds[0]}-{self.seeds[1]}"
+
+    def shard(self, rank: int, world: int) -> "SamplerSource":
+        out = object.__new__(SamplerSource)
+        out.__dict__.update(self.__dict__)
+        out._subset = self.seed_range[rank::world]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of a source
+
+
+@dataclass
+class FeatureStats:
+    """Float64 mean and covariance of features, the ``Protocol`` they were computed under, and the
+    features themselves when kept (KID and precision/recall need them)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    protocol: Protocol
+    features: Tensor | None = None
+    source: str = ""
+
+    @property
+    def n(self) -> int:
+        return self.protocol.n
+
+    def save(self, path: str | Path) -> None:
+        """``.npz`` with ``mu``, ``sigma`` (EDM's keys), ``protocol`` (JSON) and ``source``; atomic."""
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, protocol=np.array(self.protocol.to_json()),
+                 source=np.array(self.source))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path, protocol: Protocol | None = None, assume: Protocol | None = None) -> "FeatureStats":
+        """Our ``.npz`` (protocol stored), or a bare one like EDM's ``fid.py ref`` output (``mu``, ``sigma``
+        only), whose protocol is ``assume`` (default: EDM's -- TF-Inception pool3, TF1 resize, EDM uint8;
+        N unknown = 0); ``source`` then names the file by content. With ``protocol``, raises
+        ``ProtocolMismatch`` unless the file's feature protocol is the same."""
+        path = Path(path).expanduser()
+        with np.load(path) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(z.files)})")
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            stored = Protocol.from_dict(json.loads(str(z["protocol"]))) if "protocol" in z else None
+            source = str(z["source"]) if "source" in z else ""
+        if stored is None:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            stored = (assume or Protocol()).replace(seeds=None)
+            source = f"npz:{path.name}:{digest}"
+        if protocol is not None:
+            stored.check_same_features(protocol, f"statistics in {path} and the extractor")
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        return cls(mu, sigma, stored, None, source)
+
+
+def compute_stats(source: Iterable[Tensor], extractor: FeatureExtractor, keep_features: bool = False,
+                  distributed: bool = True, progress: bool = False) -> FeatureStats:
+    """Stream ``source`` through ``extractor`` into float64 ``RunningStats``.
+
+    ``source``: an ``ImageSource`` (or any iterable of image batches, then identity and seeds are
+    unknown). Under an initialised ``torch.distributed`` group and ``distributed=True`` this rank takes
+    ``source.shard(rank, world)`` and the sums are all-reduced (kept features are this rank's only).
+    """
+    import torch.distributed as dist
+
+    rank_world = None
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank_world = (dist.get_rank(), dist.get_world_size())
+        source = source.shard(*rank_world)
+    running, kept = RunningStats(), []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(source) if hasattr(source, "__len__") else None, unit="img", desc="features")
+    for images in source:
+        f = extractor(images)
+        running.update(f)
+        if keep_features:
+            kept.append(f.detach().cpu())
+        if bar is not None:
+            bar.update(len(images))
+    if bar is not None:
+        bar.close()
+    if rank_world is not None:
+        running = all_reduce_stats(running, dim=running.dim)
+    if running.n < 2:
+        raise ValueError(f"FD statistics need at least 2 images, got N={running.n}")
+    protocol = extractor.protocol.replace(n=running.n, seeds=getattr(source, "seeds", None))
+    features = torch.cat(kept) if keep_features else None
+    return FeatureStats(running.mean.cpu().numpy(), running.cov.cpu().numpy(), protocol, features,
+                        getattr(source, "identity", "") if isinstance(source, ImageSource) else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+@dataclass(frozen=True)
+class Score:
+    """FD (and KID / precision / recall when asked) of generated stats against a reference, with the
+    full protocol (``protocol.n`` generated images, ``protocol.seeds``, ``protocol.reference``)."""
+
+    fd: float
+    protocol: Protocol
+    n_reference: int
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"fd": self.fd, "kid_mean": self.kid_mean, "kid_std": self.kid_std, "precision": self.precision,
+                "recall": self.recall, "n_reference": self.n_reference, "protocol": self.protocol.to_dict(),
+                **self.extra}
+
+    def check_comparable(self, other: "Score") -> None:
+        self.protocol.check_comparable(other.protocol)
+
+    def __lt__(self, other: "Score") -> bool:
+        """Ordering (``min`` over repeats) is defined only under one protocol; otherwise it raises."""
+        self.check_comparable(other)
+        return self.fd < other.fd
+
+
+def score(generated: FeatureStats, reference: FeatureStats, kid_subset_size: int | None = None,
+          kid_subsets: int = 100, prc_k: int | None = None, seed: int = 2020) -> Score:
+    """FD of ``generated`` against ``reference`` (raises ``ProtocolMismatch`` unless both share the feature
+    protocol); KID when ``kid_subset_size`` is given and precision/recall when ``prc_k`` is (both need
+    kept features on both sides)."""
+    generated.protocol.check_same_features(reference.protocol, "generated and reference statistics")
+    ref_id = reference.source or "unnamed"
+    fd = frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma)
+    kid = (None, None)
+    pr = (None, None)
+    if kid_subset_size is not None or prc_k is not None:
+        if generated.features is None or reference.features is None:
+            raise ValueError("KID and precision/recall need features: compute both sides with keep_features=True "
+                             "(a reference loaded from mu/sigma statistics has none)")
+    if kid_subset_size is not None:
+        kid = kernel_distance(generated.features, reference.features, kid_subsets, kid_subset_size, seed)
+    if prc_k is not None:
+        pr = precision_recall(generated.features, reference.features, prc_k)
+    extra = {}
+    dim = len(generated.mu)
+    if 0 < min(generated.n, reference.n or generated.n) <= dim:
+        extra["note"] = (f"N={min(generated.n, reference.n or generated.n)} <= feature dim {dim}: a rank-deficient "
+                         "covariance; FD is biased upward, compare only at equal N (KID is unbiased)")
+    return Score(fd, generated.protocol.replace(reference=ref_id), reference.n, *kid, *pr, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# References, cached by content
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cache_key(protocol: Protocol, identity: str, keep_features: bool = False) -> str:
+    """Content-addressed key: the feature protocol and the data's identity (which hashes its content)."""
+    features = {k: v for k, v in protocol.to_dict().items() if k not in ("n", "seeds", "reference")}
+    payload = json.dumps({"protocol": features, "data": identity, "features": keep_features}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "fid-refs"
+
+
+def reference_stats(source: ImageSource, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
+                    keep_features: bool = False, progress: bool = False) -> FeatureStats:
+    """Statistics of a reference data set, cached under ``cache_dir`` (default ``$FEWSTEP_CACHE/fid-refs``)
+    by ``cache_key`` when the source is ``content_addressed`` (so a changed protocol, extractor weights or
+    data set is a new entry, never a stale one). With ``keep_features`` the features are cached too
+    (needed for KID / precision-recall)."""
+    if not getattr(source, "content_addressed", False):  # no content hash, no cache: never stale
+        return compute_stats(source, extractor, keep_features=keep_features, progress=progress)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = cache_key(extractor.protocol, source.identity, keep_features)
+    path = cache / f"{key}.npz"
+    feat_path = cache / f"{key}.features.pt"
+    if path.is_file() and (not keep_features or feat_path.is_file()):
+        stats = FeatureStats.load(path)
+        stats.protocol.check_same_features(extractor.protocol, f"cached reference {path}")
+        if keep_features:
+            stats.features = torch.load(feat_path, weights_only=True)
+        return stats
+    stats = compute_stats(source, extractor, keep_features=keep_features, progress=progress)
+    if keep_features:
+        buf = io.BytesIO()
+        torch.save(stats.features, buf)
+        atomic_write_bytes(feat_path, buf.getvalue())
+    stats.save(path)
+    return stats
