@@ -1,5 +1,4 @@
-"""fewstep.eval: the FID harness that scores samplers (swept over NFE) and students alike. Built by later
-issues.
+"""fewstep.eval: the FID harness that scores samplers (swept over NFE) and students alike.
 
 Layers, each usable alone (features -> statistics -> metric, as torch-fidelity; streaming and float64
 sums as EDM2):
