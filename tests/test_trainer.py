@@ -153,3 +153,16 @@ def test_image_folder_source(tmp_path):
 def test_debian_fashion_mnist_when_installed():
     x = load_images("fashion_mnist", "test", size=28)
     assert x.shape == (10000, 1, 28, 28) and -1 <= x.min() < x.max() <= 1
+
+
+def test_committed_teacher_loads_offline_and_swaps_samplers():
+    from diffusers import DDPMPipeline
+
+    from samplers.diffusers import FewstepScheduler
+
+    pipe = DDPMPipeline.from_pretrained("teachers/fmnist")
+    pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, sampler="dpmpp_2m")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 28, 28, 1) and 0 <= images.min() and images.max() <= 1
