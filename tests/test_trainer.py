@@ -1,8 +1,6 @@
 """The training core: exact resume, atomic checkpoints, config validation; the data module; the teacher
 export loads into a diffusers pipeline and takes our samplers."""
 
-import gzip
-import struct
 import subprocess
 import sys
 
@@ -21,19 +19,6 @@ TINY = {
               "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4},
     "scheduler": {"num_train_timesteps": 100},
 }
-
-
-@pytest.fixture
-def idx_folder(tmp_path):
-    """A fake Fashion-MNIST folder: 64 random 8x8 'images' in gzipped IDX files."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in [("train", 64), ("t10k", 16)]:
-        images = torch.randint(0, 256, (n, 8, 8), generator=g, dtype=torch.uint8)
-        with gzip.open(tmp_path / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 8, 8) + images.numpy().tobytes())
-        with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + bytes(range(n)))
-    return tmp_path
 
 
 def tiny_config(idx_folder, output_dir):
