@@ -1,7 +1,7 @@
-"""The MR Sampler on real images: denoise Fashion-MNIST test images with the small MR model committed in
-teachers/fmnist_mr (trained by `python -m distill.mr_train --config configs/mr_fmnist.yaml`).
+"""The MR Sampler on real images: denoise Fashion-MNIST test images with a small MR model trained by
+`python -m distill.mr_train --config configs/mr_fmnist.yaml`.
 
-    python benchmarks/mr_restoration.py [--model teachers/fmnist_mr] [--n 256] [--grid docs/mr_restoration.png]
+    python benchmarks/mr_restoration.py [--model outputs/mr_fmnist] [--n 256] [--grid mr_restoration.png]
 
 PSNR (dB, images in [0, 1]) against the clean images, for MRS (ODE / SDE, data / noise prediction)
 and the IR-SDE reverse-SDE Euler-Maruyama baseline at several NFE, on the same degraded inputs.
@@ -33,7 +33,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="teachers/fmnist_mr")
+    p.add_argument("--model", default="outputs/mr_fmnist")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="write clean / degraded / MRS-10 / EM-100 rows to this PNG")
