@@ -18,39 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.features import FeatureExtractor, WeightsUnavailable, inception_weights  # noqa: E402
+from eval.features import (FeatureExtractor, ImageTensorDataset, WeightsUnavailable,  # noqa: E402
+                           inception_weights, save_random_inception_weights)
 from eval.harness import TensorSource, compute_stats, score  # noqa: E402
-
-
-class ImagesDataset(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
-def random_inception_weights(path: Path) -> Path:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value=None), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def timed(fn):
@@ -78,7 +53,7 @@ def main(argv=None) -> int:
         try:
             weights = str(inception_weights(args.weights, download=args.download))
         except WeightsUnavailable:
-            weights = str(random_inception_weights(Path(tmp.name) / "random-inception.pth"))
+            weights = str(save_random_inception_weights(Path(tmp.name) / "random-inception.pth"))
             note = " (random He-normal weights: timing only)"
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (args.n, 3, args.size, args.size), generator=g, dtype=torch.uint8)
@@ -112,7 +87,7 @@ def main(argv=None) -> int:
     s, t_oe = timed(lambda: score(compute_stats(TensorSource(a, args.batch_size), fx),
                                   compute_stats(TensorSource(b, args.batch_size), fx)))
     r, t_te = timed(lambda: torch_fidelity.calculate_metrics(
-        input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, feature_extractor=args.extractor,
+        input1=ImageTensorDataset(a), input2=ImageTensorDataset(b), fid=True, feature_extractor=args.extractor,
         cuda=cuda, cache=False, save_cpu_ram=True, verbose=False, batch_size=args.batch_size, **kwargs))
     fd_tf = r["frechet_inception_distance"]
     rows = [("features (images/s)", args.n / t_of, args.n / t_tf, t_tf / t_of),

@@ -257,3 +257,40 @@ class TinyExtractor(_tiny_base()):
 
 
 register_extractor("fewstep-tiny", TinyExtractor, resize="adaptive-avg-4x4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing helpers for tests and benchmarks that compare against torch-fidelity offline
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """What torch-fidelity's ``calculate_metrics`` takes as input: ``dataset[i]`` is one uint8 ``[3, H, W]``."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """The ``inception-v3-compat`` architecture with random weights, saved to ``path`` (no download).
+
+    PyTorch's default initialisation collapses its features to a constant, so the convolutions are
+    re-initialised He-normal: plumbing checks only, never reported numbers."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value=None), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), path)
+    return Path(path)

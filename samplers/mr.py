@@ -405,10 +405,11 @@ class DPMSolver(Solver):
     order 1 or 2. Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
 
     name = "dpmsolver"
+    label = "DPM-Solver (noise prediction)"
 
     def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False):
         if order not in (1, 2):
-            raise ValueError(f"DPM-Solver (noise prediction) order must be 1 or 2, got {order!r}")
+            raise ValueError(f"{self.label} order must be 1 or 2, got {order!r}")
         if solver_type not in ("midpoint", "heun"):
             raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
         self.order, self.solver_type, self.lower_order_final = int(order), solver_type, bool(lower_order_final)
@@ -432,19 +433,13 @@ class DPMSolver(Solver):
         yield x_next, None
 
 
-class SDEDPMSolver(Solver):
+class SDEDPMSolver(DPMSolver):
     """SDE-DPM-Solver with noise prediction (Lu et al. 2022b, sec. 5), order 1 or 2. The step to clean
     data (where the noise term has no finite limit) is the deterministic first-order step ``x' = a' x0``."""
 
     name = "sde_dpmsolver"
+    label = "SDE-DPM-Solver (noise prediction)"
     stochastic = True
-
-    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False):
-        if order not in (1, 2):
-            raise ValueError(f"SDE-DPM-Solver (noise prediction) order must be 1 or 2, got {order!r}")
-        if solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
-        self.order, self.solver_type, self.lower_order_final = int(order), solver_type, bool(lower_order_final)
 
     def steps(self, grid, noise):
         t, alpha, sigma, lam = _scalars(grid)

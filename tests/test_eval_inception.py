@@ -11,40 +11,18 @@ comparison on 24 + 24 images is marked slow (35-130 s on 2 shared cores).
 
 from __future__ import annotations
 
-from unittest import mock
 
 import pytest
 import torch
 import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from eval.features import WEIGHTS_ENV, FeatureExtractor
+from eval.features import WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, save_random_inception_weights
 from eval.harness import TensorSource, compute_stats, score
 
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value=None), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-class ImagesDataset(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
+    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def two_image_sets(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +37,7 @@ def fd_both_ways(weights, layer: str, n: int) -> tuple[float, float]:
     fx = FeatureExtractor("inception-v3-compat", layer=layer, weights=weights)
     ours = score(compute_stats(TensorSource(a, 8), fx), compute_stats(TensorSource(b, 8), fx)).fd
     theirs = torch_fidelity.calculate_metrics(
-        input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, feature_layer_fid=layer,
+        input1=ImageTensorDataset(a), input2=ImageTensorDataset(b), fid=True, feature_layer_fid=layer,
         feature_extractor_weights_path=str(weights), cuda=False, cache=False, save_cpu_ram=True, verbose=False,
         batch_size=8)["frechet_inception_distance"]
     return ours, theirs

@@ -14,7 +14,7 @@ import torch_fidelity
 
 import fewstep_cli
 from eval import harness
-from eval.features import INCEPTION_URL, WEIGHTS_ENV, FeatureExtractor, WeightsUnavailable
+from eval.features import INCEPTION_URL, WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, WeightsUnavailable
 from eval.harness import (DatasetSource, FeatureStats, FolderSource, SamplerSource, TensorSource, compute_stats,
                           reference_stats, score, seeded_noise)
 from eval.protocol import ProtocolMismatch
@@ -22,19 +22,6 @@ from eval.stats import merge_all, RunningStats
 from eval.sweep import SweepConfig, run_sweep, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
-
-
-class ImagesDataset(torch.utils.data.Dataset):
-    """What torch-fidelity wants: ``dataset[i]`` is one uint8 ``[3, H, W]`` tensor."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def images(n: int, seed: int, size: int = 16, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -54,7 +41,7 @@ def tiny():
 def test_fd_and_kid_equal_torch_fidelity_calculate_metrics_with_the_tiny_extractor(tiny):
     a, b = images(120, 0), images(100, 1, low=0.2, high=0.9)
     ref = torch_fidelity.calculate_metrics(
-        input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, kid=True, kid_subset_size=50, kid_subsets=20,
+        input1=ImageTensorDataset(a), input2=ImageTensorDataset(b), fid=True, kid=True, kid_subset_size=50, kid_subsets=20,
         feature_extractor="fewstep-tiny", cuda=False, cache=False, save_cpu_ram=True, verbose=False, batch_size=32)
     gen = compute_stats(TensorSource(a, 7), tiny, keep_features=True)
     real = compute_stats(TensorSource(b, 64), tiny, keep_features=True)
