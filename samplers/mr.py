@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .denoisers import Denoiser, Prediction, broadcast_like
 from .sampler import SAMPLERS, SamplerSpec, randn_noise, run_solver
-from .schedules import Schedule
+from .schedules import Schedule, _as_f64
 from .solvers import DDPM, DPMSolverPP, NoiseFn, SDEDPMSolverPP, Solver, _multistep_order, _scalars
 from .timesteps import Grid, Timesteps, check_steps, make_timesteps
 
@@ -66,10 +66,6 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-
-
-def _as_f64(t) -> Tensor:
-    return torch.as_tensor(t, dtype=_F64)
 
 
 # ---------------------------------------------------------------------------------------------
