@@ -3,9 +3,13 @@
     python -m distill.mr_train --config configs/mr_fmnist.yaml
 
 The task: Gaussian denoising (``mu`` = clean image + ``noise_std`` noise in [-1, 1]). The network is a
-``UNet2DModel`` that sees ``[x_t, mu]`` (two channels) and predicts the MR noise ``eps`` of
-``x_t = mu + alpha_t (x0 - mu) + sigma_t eps`` (IR-SDE's ``fit_target="noise"``), on ``MRSchedule``'s
-discrete times 1..T. Saved as ``output_dir/unet`` (diffusers format) plus ``mr.json``.
+``UNet2DModel`` that sees ``[x_t, mu]`` (two channels) and predicts, for
+``x_t = mu + alpha_t (x0 - mu) + sigma_t eps`` on ``MRSchedule``'s discrete times 1..T, either the noise
+``eps`` (``mr.target: noise``, IR-SDE's ``fit_target="noise"``) or the clean image ``x0``
+(``mr.target: data``, the example's choice). Why data: near ``t = T`` the MR signal ``alpha_t`` is
+``~eps = 0.005``, so ``x0 = mu + (x_t - mu - sigma_t eps_hat) / alpha_t`` multiplies a noise model's error
+by ``sigma_t / alpha_t ~ 40``; a data model has no such factor, which is what MRS's data-prediction
+solvers need at 10-20 NFE. Saved as ``output_dir/unet`` (diffusers format) plus ``mr.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from samplers.mr import MRDenoiser, MRSchedule
 from .data import load_images
 from .trainer import TrainConfig, Trainer, load_config
 
-__all__ = ["degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "main"]
+__all__ = ["MR_TARGETS", "degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "main"]
 
 
 def degrade(x0: Tensor, noise_std: float, g: torch.Generator) -> Tensor:
@@ -39,7 +43,15 @@ def unet_mr_model(unet: nn.Module):
     return model
 
 
-def mr_loss(schedule: MRSchedule, noise_std: float):
+MR_TARGETS = ("noise", "data")
+
+
+def mr_loss(schedule: MRSchedule, noise_std: float, target: str = "noise"):
+    """Mean squared error of the network's ``eps`` (``target="noise"``) or ``x0`` (``"data"``) at uniform
+    discrete times 1..T."""
+    if target not in MR_TARGETS:
+        raise ValueError(f"unknown MR training target {target!r}; expected one of {list(MR_TARGETS)}")
+
     def loss(unet: nn.Module, x0: Tensor, g: torch.Generator) -> Tensor:
         mu = degrade(x0, noise_std, g)
         t = torch.randint(1, int(schedule.t_max) + 1, (x0.shape[0],), generator=g).to(torch.float64)
@@ -47,7 +59,8 @@ def mr_loss(schedule: MRSchedule, noise_std: float):
         s = schedule.sigma(t).float().view(-1, 1, 1, 1).to(x0.device)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         x_t = mu + a * (x0 - mu) + s * eps
-        return (unet(torch.cat([x_t, mu], dim=1), t.float().to(x0.device)).sample - eps).pow(2).mean()
+        out = unet(torch.cat([x_t, mu], dim=1), t.float().to(x0.device)).sample
+        return (out - (eps if target == "noise" else x0)).pow(2).mean()
 
     return loss
 
@@ -60,7 +73,8 @@ def load_mr_model(path: str | Path) -> tuple[MRDenoiser, dict]:
     info = json.loads((path / "mr.json").read_text())
     unet = UNet2DModel.from_pretrained(path / "unet").eval()
     schedule = MRSchedule(sigma_inf=info["sigma_inf"], T=info["T"])
-    return MRDenoiser(unet_mr_model(unet), schedule, "noise"), info
+    # Images live in [-1, 1]; clamping the data prediction keeps every solver's x0 there.
+    return MRDenoiser(unet_mr_model(unet), schedule, info.get("target", "noise"), clip=(-1.0, 1.0)), info
 
 
 def train_mr(config: dict, max_steps: int | None = None) -> Path:
@@ -68,19 +82,23 @@ def train_mr(config: dict, max_steps: int | None = None) -> Path:
 
     tc = TrainConfig.from_dict(dict(config.get("train", {})))
     mr = dict(config.get("mr", {}))
+    unknown = sorted(set(mr) - {"sigma_inf", "T", "noise_std", "target"})
+    if unknown:
+        raise ValueError(f"unknown mr option(s) {unknown}; known: ['T', 'noise_std', 'sigma_inf', 'target']")
+    target = mr.get("target", "noise")
     schedule = MRSchedule(sigma_inf=mr.get("sigma_inf", 50 / 255), T=mr.get("T", 100))
     torch.manual_seed(tc.seed)
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model", {}).items()}
     unet = UNet2DModel(**model_cfg)
     data = load_images(**config.get("data", {"name": "fashion_mnist"}))
-    trainer = Trainer(tc, unet, mr_loss(schedule, mr.get("noise_std", 0.3)), data)
+    trainer = Trainer(tc, unet, mr_loss(schedule, mr.get("noise_std", 0.3), target), data)
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()
     out = Path(tc.output_dir)
     if trainer.accelerator.is_main_process:
         ema.save_pretrained(out / "unet")
         info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr.get("noise_std", 0.3),
-                "steps": trainer.step, "seed": tc.seed}
+                "target": target, "steps": trainer.step, "seed": tc.seed}
         (out / "mr.json").write_text(json.dumps(info, indent=1))
     return out
 

@@ -177,6 +177,10 @@ class FolderSource(ImageSource):
             for p in self.files[start:start + self.batch_size]:
                 with Image.open(p) as im:
                     batch.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+                if batch[-1].shape != batch[0].shape:
+                    raise ValueError(f"images in {self.folder} differ in size: {p.name} is "
+                                     f"{tuple(batch[-1].shape[1:])}, {self.files[start].name} is "
+                                     f"{tuple(batch[0].shape[1:])}; resize them to one size first")
             yield torch.stack(batch)
 
     @property

@@ -139,6 +139,9 @@ def test_folder_and_dataset_sources_read_the_same_images(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         FolderSource(tmp_path / "empty")
+    Image.fromarray(images(1, 3, size=9)[0].permute(1, 2, 0).numpy()).save(tmp_path / "004b.png")
+    with pytest.raises(ValueError, match="differ in size: 005.png is \\(8, 8\\), 004b.png is \\(9, 9\\)"):
+        list(FolderSource(tmp_path, batch_size=5))
 
 
 # ---------------------------------------------------------------------------------------------

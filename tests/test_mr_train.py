@@ -1,25 +1,38 @@
 """The MR restoration trainer: trains on the core, saves a model that the MR Sampler restores with."""
 
+import pytest
 import torch
 
 from distill.mr_train import load_mr_model, train_mr
 from samplers.mr import MRSampler
 
 
-def test_tiny_mr_model_trains_saves_and_restores(idx_folder, tmp_path):
-    config = {
+def tiny_config(tmp_path, idx_folder, **mr):
+    return {
         "train": {"output_dir": str(tmp_path / "mr"), "steps": 3, "batch_size": 8, "checkpoint_every": 3,
                   "log_every": 1, "progress": False, "cpu": True},
-        "mr": {"T": 20, "noise_std": 0.3},
+        "mr": {"T": 20, "noise_std": 0.3, **mr},
         "model": {"sample_size": 8, "in_channels": 2, "out_channels": 1, "layers_per_block": 1,
                   "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
                   "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4},
         "data": {"name": "fashion_mnist", "root": str(idx_folder), "size": 8},
     }
-    path = train_mr(config)
+
+
+@pytest.mark.parametrize("target", ["noise", "data"])
+def test_tiny_mr_model_trains_saves_and_restores(idx_folder, tmp_path, target):
+    path = train_mr(tiny_config(tmp_path, idx_folder, target=target))
     denoiser, info = load_mr_model(path)
-    assert info["steps"] == 3 and info["T"] == 20
+    assert info["steps"] == 3 and info["T"] == 20 and info["target"] == target
+    assert denoiser.prediction_type == target
     mu = torch.zeros(2, 1, 8, 8)
     for method in ["ode", "sde", "euler_maruyama"]:
         out = MRSampler(denoiser, steps=4, method=method).sample(mu, generator=torch.Generator().manual_seed(0))
         assert out.shape == mu.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mr, message", [({"target": "velocity"}, "unknown MR training target"),
+                                         ({"taget": "data"}, "unknown mr option")])
+def test_bad_mr_options_fail_clearly(idx_folder, tmp_path, mr, message):
+    with pytest.raises(ValueError, match=message):
+        train_mr(tiny_config(tmp_path, idx_folder, **mr))
