@@ -91,7 +91,8 @@ def train_mr(config: dict, max_steps: int | None = None) -> Path:
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model", {}).items()}
     unet = UNet2DModel(**model_cfg)
     data = load_images(**config.get("data", {"name": "fashion_mnist"}))
-    trainer = Trainer(tc, unet, mr_loss(schedule, mr.get("noise_std", 0.3), target), data)
+    trainer = Trainer(tc, unet, mr_loss(schedule, mr.get("noise_std", 0.3), target), data,
+                      recipe={"mr": mr, "model": config.get("model", {}), "data": config.get("data", {})})
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()
     out = Path(tc.output_dir)

@@ -74,7 +74,8 @@ def train_teacher(config: dict, max_steps: int | None = None, output_dir: str | 
         raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the model's "
                          f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input")
     schedule = DiscreteVPSchedule.from_diffusers_config(scheduler.config)
-    trainer = Trainer(tc, unet, eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type), data)
+    trainer = Trainer(tc, unet, eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type), data,
+                      recipe={k: config.get(k, {}) for k in ("model", "scheduler", "data")})
     start = time.perf_counter()
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainConfig", "Trainer", "EMA", "load_config", "atomic_save"]
+__all__ = ["TrainConfig", "Trainer", "EMA", "load_config", "atomic_save", "run_recipe", "recipe_changes"]
 
 
 @dataclass
@@ -100,15 +100,44 @@ def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
 
 
+#: Training options that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = ("output_dir", "steps", "checkpoint_every", "log_every", "progress")
+
+
+def run_recipe(config: TrainConfig, recipe: dict | None = None) -> dict:
+    """What a checkpoint must agree on to be resumed: the weight-changing training options and the method's
+    ``recipe``, as plain JSON values (tuples and lists compare equal)."""
+    train = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps({"train": train, **(recipe or {})}, sort_keys=True, default=str))
+
+
+def recipe_changes(saved: dict | None, current: dict, prefix: str = "") -> list[str]:
+    """``"key: saved -> current"`` for every leaf that differs (none for checkpoints older than recipes)."""
+    if saved is None:
+        return []
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 class Trainer:
     """Optimise ``model`` on ``loss_fn(model, batch, generator)`` over the tensor ``data``.
 
     Each step draws ``batch_size`` examples (split over processes) by a seeded per-step permutation
-    of the data. ``fit()`` resumes from ``output_dir/checkpoint.pt`` when it exists.
+    of the data. ``fit()`` resumes from ``output_dir/checkpoint.pt`` when it exists, but only a run of the
+    same recipe: ``recipe`` (the method's settings, e.g. the model and data config) and the training
+    options that change the weights are stored in the checkpoint and compared on resume, so pointing a
+    changed config at an old ``output_dir`` fails instead of silently continuing the old run. ``steps``
+    and the logging / checkpoint cadence may change (the learning rate does not depend on ``steps``).
     """
 
     def __init__(self, config: TrainConfig, model: nn.Module, loss_fn: Callable[[nn.Module, Tensor, torch.Generator], Tensor],
-                 data: Tensor, accelerator=None, extra_state: dict | None = None):
+                 data: Tensor, accelerator=None, extra_state: dict | None = None, recipe: dict | None = None):
         from accelerate import Accelerator
 
         self.config = config
@@ -125,6 +154,7 @@ class Trainer:
         self.history: list[dict] = []
         self.extra_state = extra_state or {}
         self.output_dir = Path(config.output_dir)
+        self.recipe = run_recipe(config, recipe)
         if len(data) < config.batch_size:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data)} training examples")
 
@@ -137,7 +167,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "model": self.accelerator.unwrap_model(self.model).state_dict(),
                 "ema": self.ema.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "history": self.history, "config": asdict(self.config), "extra": self.extra_state}
+                "history": self.history, "config": asdict(self.config), "extra": self.extra_state,
+                "recipe": self.recipe}
 
     def save_checkpoint(self):
         self.accelerator.wait_for_everyone()
@@ -149,6 +180,10 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        changed = recipe_changes(state.get("recipe"), self.recipe)
+        if changed:
+            raise ValueError(f"{self.checkpoint_path} was written by a different run ({'; '.join(changed)}); "
+                             "use a new output_dir, or delete the checkpoint to start over")
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -45,6 +45,22 @@ def test_resumed_run_ends_with_the_same_weights(idx_folder, tmp_path):
     assert not torch.equal(a["model"][next(iter(a["model"]))], a["ema"][next(iter(a["ema"]))])
 
 
+def test_resume_refuses_a_checkpoint_of_a_different_recipe(idx_folder, tmp_path):
+    train_teacher(tiny_config(idx_folder, tmp_path / "run"), max_steps=2)
+    longer = tiny_config(idx_folder, tmp_path / "run")
+    longer["train"]["steps"], longer["train"]["log_every"] = 4, 1  # may change: continues the same run
+    train_teacher(longer)
+    assert weights(tmp_path / "run")["step"] == 4
+    for section, key, value in [("train", "lr", 5e-4), ("model", "block_out_channels", [8, 8]),
+                                ("scheduler", "num_train_timesteps", 50)]:
+        changed = tiny_config(idx_folder, tmp_path / "run")
+        changed["train"]["steps"] = 6
+        changed[section][key] = value
+        with pytest.raises(ValueError, match=f"different run .*{key}"):
+            train_teacher(changed)
+    assert weights(tmp_path / "run")["step"] == 4  # nothing was overwritten
+
+
 def test_exported_teacher_loads_as_a_diffusers_pipeline(idx_folder, tmp_path):
     from diffusers import DDPMPipeline
 
