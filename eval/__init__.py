@@ -24,7 +24,7 @@ sums as EDM2):
 """
 
 from .features import FeatureExtractor, WeightsUnavailable, register_extractor
-from . import classifier  # noqa: E402  registers "fmnist-classifier"
+from . import classifier, effnet  # noqa: E402  register "fmnist-classifier", "efficientnet-lite0"
 from .harness import (DatasetSource, FeatureStats, FolderSource, SamplerSource, Score, TensorSource, compute_stats,
                       reference_stats, score)
 from .protocol import Protocol, ProtocolMismatch, to_uint8

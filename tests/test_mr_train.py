@@ -1,5 +1,7 @@
 """The MR restoration trainer: trains on the core, saves a model that the MR Sampler restores with."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +38,30 @@ def test_tiny_mr_model_trains_saves_and_restores(idx_folder, tmp_path, target):
 def test_bad_mr_options_fail_clearly(idx_folder, tmp_path, mr, message):
     with pytest.raises(ValueError, match=message):
         train_mr(tiny_config(tmp_path, idx_folder, **mr))
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "teachers" / "mr_fmnist"
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def test_committed_mr_model_loads_offline():
+    denoiser, info = load_mr_model(COMMITTED)
+    assert info["target"] == "data" and info["T"] == 100 and denoiser.clip == (-1.0, 1.0)
+    out = MRSampler(denoiser, steps=3).sample(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 1, 28, 28) and out.abs().max() <= 1
+
+
+@pytest.mark.skipif(not FMNIST_TEST.exists(), reason="dataset-fashion-mnist not installed")
+def test_committed_mr_model_restores_better_than_its_input():
+    from distill.data import load_images
+    from distill.mr_train import degrade
+
+    def psnr(x, ref):  # images in [-1, 1], PSNR on [0, 1]
+        return float((10 * torch.log10(4 / (x.clamp(-1, 1) - ref).pow(2).flatten(1).mean(1))).mean())
+
+    denoiser, info = load_mr_model(COMMITTED)
+    clean = load_images("fashion_mnist", "test", size=28, limit=32)
+    mu = degrade(clean, info["noise_std"], torch.Generator().manual_seed(0))
+    sde = MRSampler(denoiser, steps=5, method="sde").sample(mu, generator=torch.Generator().manual_seed(0))
+    ode = MRSampler(denoiser, steps=10, method="ode").sample(mu, generator=torch.Generator().manual_seed(0))
+    assert psnr(sde, clean) > psnr(mu, clean) + 4 and psnr(ode, clean) > psnr(mu, clean) + 1
