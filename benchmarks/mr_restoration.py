@@ -1,7 +1,7 @@
 """The MR Sampler on real images: denoise Fashion-MNIST test images with a small MR model trained by
 `python -m distill.mr_train --config configs/mr_fmnist.yaml`.
 
-    python benchmarks/mr_restoration.py [--model outputs/mr_fmnist] [--n 256] [--grid mr_restoration.png]
+    python benchmarks/mr_restoration.py [--model teachers/mr_fmnist] [--n 256] [--grid docs/mr_restoration.png]
 
 PSNR (dB, images in [0, 1]) against the clean images, for MRS (ODE / SDE, data / noise prediction)
 and the IR-SDE reverse-SDE Euler-Maruyama baseline at several NFE, on the same degraded inputs, and the
@@ -35,10 +35,10 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="outputs/mr_fmnist")
+    p.add_argument("--model", default="teachers/mr_fmnist")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", default=None, help="write clean / degraded / MRS-10 / EM-100 rows to this PNG")
+    p.add_argument("--grid", default=None, help="write clean / degraded / MRS SDE-5 / MRS ODE-10 / EM-100 rows to this PNG")
     args = p.parse_args(argv)
     denoiser, info = load_mr_model(args.model)
     clean = load_images("fashion_mnist", "test", size=28, limit=args.n)
@@ -64,9 +64,10 @@ def main(argv=None):
     if args.grid:
         import torchvision
 
-        rows = [clean[:8], mu[:8], keep[("MRS ODE-2, data", 10)][:8], keep[("Euler-Maruyama (IR-SDE)", 100)][:8]]
+        shown = [("MRS SDE-2, data", 5), ("MRS ODE-2, data", 10), ("Euler-Maruyama (IR-SDE)", 100)]
+        rows = [clean[:8], mu[:8]] + [keep[key][:8] for key in shown]
         torchvision.utils.save_image((torch.cat(rows).clamp(-1, 1) + 1) / 2, args.grid, nrow=8, padding=1)
-        print(f"\n{args.grid}: rows clean, degraded, MRS ODE-2 (10 NFE), Euler-Maruyama (100 NFE)")
+        print(f"\n{args.grid}: rows clean, degraded, " + ", ".join(f"{label} ({nfe} NFE)" for label, nfe in shown))
 
 
 if __name__ == "__main__":

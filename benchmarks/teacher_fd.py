@@ -1,15 +1,21 @@
-"""Score the embedded teacher in the offline Fashion-MNIST feature space (FD-fmnist, not FID).
+"""Score the embedded teacher in the offline feature spaces (FD-fmnist and FD-effnet, never "FID").
 
     python benchmarks/teacher_fd.py [--pipeline teachers/fmnist] [--n 1000] [--nfe 10 20 50 100]
+        [--samplers ddim dpmpp_2m] [--extractors fmnist-classifier efficientnet-lite0]
+        [--samples-dir outputs/teacher_samples]
 
-Reference: the 10,000 held-out test images (statistics saved to teachers/fmnist/fd_fmnist_test.npz
-when --save-reference is given). Floor: FD between the two halves of the test split.
+Reference: the first ``--ref-n`` held-out test images (all 10,000 by default; the FD-fmnist statistics
+of all of them are saved to teachers/fmnist/fd_fmnist_test.npz with --save-reference). Floors: the FD
+between the two halves of that reference, and of ``--n`` real training images against it (the
+finite-N bias our generated sets also carry). With ``--samples-dir`` each sampler x NFE set of samples
+is saved and reused, so a second run (another extractor, another process) does not sample again.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,9 +25,11 @@ from eval.features import FeatureExtractor
 from eval.stats import RunningStats, frechet_distance
 from samplers import ModelDenoiser, Sampler
 
+LABELS = {"fmnist-classifier": "FD-fmnist", "efficientnet-lite0": "FD-effnet"}
 
-def stats_of(fx: FeatureExtractor, images: torch.Tensor, batch: int = 500) -> RunningStats:
-    s = RunningStats(128)
+
+def stats_of(fx: FeatureExtractor, images: torch.Tensor, batch: int = 250) -> RunningStats:
+    s = RunningStats()
     with torch.no_grad():
         for i in range(0, len(images), batch):
             s.update(fx(images[i:i + batch]))
@@ -32,44 +40,64 @@ def fd(a: RunningStats, b: RunningStats) -> float:
     return frechet_distance(a.mean.numpy(), a.cov.numpy(), b.mean.numpy(), b.cov.numpy())
 
 
+def teacher_samples(den, name: str, nfe: int, shape, seed: int, cache: Path | None) -> torch.Tensor:
+    """``shape[0]`` samples of sampler ``name`` at ``nfe`` steps from seeded noise (cached on disk)."""
+    path = None if cache is None else cache / f"{name}_{nfe}_n{shape[0]}_seed{seed}.pt"
+    if path is not None and path.exists():
+        return torch.load(path)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = torch.cat([Sampler(den, name, steps=nfe).sample(x) for x in x_T.split(250)]).clamp(-1, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="teachers/fmnist")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--ref-n", type=int, default=10000)
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
     p.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m"])
+    p.add_argument("--extractors", nargs="+", default=["fmnist-classifier"], choices=sorted(LABELS))
+    p.add_argument("--samples-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-reference", default=None)
+    p.add_argument("--save-reference", default=None, help="write the FD-fmnist test statistics here")
     args = p.parse_args(argv)
     from diffusers import DDPMPipeline
 
-    fx = FeatureExtractor("fmnist-classifier", weights=args.weights, device="cpu")
-    test = load_images("fashion_mnist", "test", size=28)
-    ref = stats_of(fx, test)
-    half_a, half_b = stats_of(fx, test[:5000]), stats_of(fx, test[5000:])
-    train_part = stats_of(fx, load_images("fashion_mnist", "train", size=28, limit=args.n))
-    print(f"floor: FD(test halves, 5000 vs 5000) = {fd(half_a, half_b):.3f}; "
-          f"FD({args.n} train images, test) = {fd(train_part, ref):.3f}")
-    if args.save_reference:
-        from eval.harness import FeatureStats
-
-        FeatureStats(ref.mean.numpy(), ref.cov.numpy(), fx.protocol, source="fashion_mnist test 10000").save(
-            args.save_reference)
+    test = load_images("fashion_mnist", "test", size=28, limit=args.ref_n)
+    train_part = load_images("fashion_mnist", "train", size=28, limit=args.n)
     pipe = DDPMPipeline.from_pretrained(args.pipeline)
     den = ModelDenoiser.from_diffusers(pipe.unet.eval(), pipe.scheduler.config)
     shape = (args.n, 1, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    print(f"\n| sampler | " + " | ".join(f"NFE {k}" for k in args.nfe) + " |")
-    print("|---|" + "---|" * len(args.nfe))
-    for name in args.samplers:
-        cells = []
-        for nfe in args.nfe:
-            start = time.perf_counter()
-            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-            with torch.no_grad():
-                out = torch.cat([Sampler(den, name, steps=nfe).sample(x) for x in x_T.split(250)])
-            cells.append(f"{fd(stats_of(fx, out.clamp(-1, 1)), ref):.2f}")
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    cache = Path(args.samples_dir) if args.samples_dir else None
+    for extractor in args.extractors:
+        weights = DEFAULT_WEIGHTS if extractor == "fmnist-classifier" else None
+        fx = FeatureExtractor(extractor, weights=weights, device="cpu")
+        label, half = LABELS[extractor], len(test) // 2
+        ref = stats_of(fx, test)
+        print(f"\n{label}: {len(test)} test images; floor: FD(test halves, {half} vs {len(test) - half}) = "
+              f"{fd(stats_of(fx, test[:half]), stats_of(fx, test[half:])):.3f}; "
+              f"FD({args.n} train images, test) = {fd(stats_of(fx, train_part), ref):.3f}", flush=True)
+        if args.save_reference and extractor == "fmnist-classifier":
+            from eval.harness import FeatureStats
+
+            FeatureStats(ref.mean.numpy(), ref.cov.numpy(), fx.protocol,
+                         source=f"fashion_mnist test {len(test)}").save(args.save_reference)
+        print(f"\n| {label} | " + " | ".join(f"NFE {k}" for k in args.nfe) + " |")
+        print("|---|" + "---|" * len(args.nfe))
+        for name in args.samplers:
+            cells = []
+            for nfe in args.nfe:
+                start = time.perf_counter()
+                images = teacher_samples(den, name, nfe, shape, args.seed, cache)
+                cells.append(f"{fd(stats_of(fx, images), ref):.2f}")
+            print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s last cell)",
+                  flush=True)
 
 
 if __name__ == "__main__":
