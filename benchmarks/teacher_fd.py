@@ -28,12 +28,13 @@ from samplers import ModelDenoiser, Sampler
 LABELS = {"fmnist-classifier": "FD-fmnist", "efficientnet-lite0": "FD-effnet"}
 
 
-def stats_of(fx: FeatureExtractor, images: torch.Tensor, batch: int = 250) -> RunningStats:
-    s = RunningStats()
+def features_of(fx: FeatureExtractor, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     with torch.no_grad():
-        for i in range(0, len(images), batch):
-            s.update(fx(images[i:i + batch]))
-    return s
+        return torch.cat([fx(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def stats_of(features: torch.Tensor) -> RunningStats:
+    return RunningStats().update(features)
 
 
 def fd(a: RunningStats, b: RunningStats) -> float:
@@ -79,10 +80,11 @@ def main(argv=None):
         weights = DEFAULT_WEIGHTS if extractor == "fmnist-classifier" else None
         fx = FeatureExtractor(extractor, weights=weights, device="cpu")
         label, half = LABELS[extractor], len(test) // 2
-        ref = stats_of(fx, test)
+        test_features = features_of(fx, test)
+        ref = stats_of(test_features)
         print(f"\n{label}: {len(test)} test images; floor: FD(test halves, {half} vs {len(test) - half}) = "
-              f"{fd(stats_of(fx, test[:half]), stats_of(fx, test[half:])):.3f}; "
-              f"FD({args.n} train images, test) = {fd(stats_of(fx, train_part), ref):.3f}", flush=True)
+              f"{fd(stats_of(test_features[:half]), stats_of(test_features[half:])):.3f}; "
+              f"FD({args.n} train images, test) = {fd(stats_of(features_of(fx, train_part)), ref):.3f}", flush=True)
         if args.save_reference and extractor == "fmnist-classifier":
             from eval.harness import FeatureStats
 
@@ -95,7 +97,7 @@ def main(argv=None):
             for nfe in args.nfe:
                 start = time.perf_counter()
                 images = teacher_samples(den, name, nfe, shape, args.seed, cache)
-                cells.append(f"{fd(stats_of(fx, images), ref):.2f}")
+                cells.append(f"{fd(stats_of(features_of(fx, images)), ref):.2f}")
             print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s last cell)",
                   flush=True)
 
