@@ -9,6 +9,9 @@ of all of them are saved to teachers/fmnist/fd_fmnist_test.npz with --save-refer
 between the two halves of that reference, and of ``--n`` real training images against it (the
 finite-N bias our generated sets also carry). With ``--samples-dir`` each sampler x NFE set of samples
 is saved and reused, so a second run (another extractor, another process) does not sample again.
+``--time-shift WINDOW CUTOFF`` samples through model-time Time-Shift (``TimeShiftDenoiser``) instead;
+``--data-variance auto`` gives it the training images' mean per-image variance (default 0, as the
+official code).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def fd(a: RunningStats, b: RunningStats) -> float:
     return frechet_distance(a.mean.numpy(), a.cov.numpy(), b.mean.numpy(), b.cov.numpy())
 
 
-def teacher_samples(den, name: str, nfe: int, shape, seed: int, cache: Path | None) -> torch.Tensor:
+def teacher_samples(den, name: str, nfe: int, shape, seed: int, cache: Path | None, tag: str = "") -> torch.Tensor:
     """``shape[0]`` samples of sampler ``name`` at ``nfe`` steps from seeded noise (cached on disk)."""
-    path = None if cache is None else cache / f"{name}_{nfe}_n{shape[0]}_seed{seed}.pt"
+    path = None if cache is None else cache / f"{name}{tag}_{nfe}_n{shape[0]}_seed{seed}.pt"
     if path is not None and path.exists():
         return torch.load(path)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -66,6 +69,8 @@ def main(argv=None):
     p.add_argument("--extractors", nargs="+", default=["fmnist-classifier"], choices=sorted(LABELS))
     p.add_argument("--samples-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-shift", type=float, nargs=2, metavar=("WINDOW", "CUTOFF"), default=None)
+    p.add_argument("--data-variance", default="0", help="a number, or 'auto' (training images)")
     p.add_argument("--save-reference", default=None, help="write the FD-fmnist test statistics here")
     args = p.parse_args(argv)
     from diffusers import DDPMPipeline
@@ -75,6 +80,15 @@ def main(argv=None):
     pipe = DDPMPipeline.from_pretrained(args.pipeline)
     den = ModelDenoiser.from_diffusers(pipe.unet.eval(), pipe.scheduler.config)
     shape = (args.n, 1, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    tag = ""
+    if args.time_shift:
+        from samplers.timeshift import TimeShiftDenoiser
+
+        window, cutoff = args.time_shift
+        v = float(train_part.flatten(1).var(1).mean()) if args.data_variance == "auto" else float(args.data_variance)
+        den = TimeShiftDenoiser(den, window=window, cutoff=cutoff, data_variance=v)
+        tag = f"_ts{window:g}-{cutoff:g}-v{v:.3f}"
+        print(f"model-time Time-Shift: window {window:g}, cutoff {cutoff:g}, data variance {v:.3f}")
     cache = Path(args.samples_dir) if args.samples_dir else None
     for extractor in args.extractors:
         weights = DEFAULT_WEIGHTS if extractor == "fmnist-classifier" else None
@@ -96,7 +110,9 @@ def main(argv=None):
             cells = []
             for nfe in args.nfe:
                 start = time.perf_counter()
-                images = teacher_samples(den, name, nfe, shape, args.seed, cache)
+                images = teacher_samples(den, name, nfe, shape, args.seed, cache, tag)
+                if args.time_shift:
+                    den.reset()  # the record would keep every call's times
                 cells.append(f"{fd(stats_of(features_of(fx, images)), ref):.2f}")
             print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s last cell)",
                   flush=True)
