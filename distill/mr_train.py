@@ -85,20 +85,21 @@ def train_mr(config: dict, max_steps: int | None = None) -> Path:
     unknown = sorted(set(mr) - {"sigma_inf", "T", "noise_std", "target"})
     if unknown:
         raise ValueError(f"unknown mr option(s) {unknown}; known: ['T', 'noise_std', 'sigma_inf', 'target']")
-    target = mr.get("target", "noise")
-    schedule = MRSchedule(sigma_inf=mr.get("sigma_inf", 50 / 255), T=mr.get("T", 100))
+    mr = {"sigma_inf": 50 / 255, "T": 100, "noise_std": 0.3, "target": "noise", **mr}
+    target = mr["target"]
+    schedule = MRSchedule(sigma_inf=mr["sigma_inf"], T=mr["T"])
     torch.manual_seed(tc.seed)
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model", {}).items()}
     unet = UNet2DModel(**model_cfg)
     data = load_images(**config.get("data", {"name": "fashion_mnist"}))
-    trainer = Trainer(tc, unet, mr_loss(schedule, mr.get("noise_std", 0.3), target), data,
+    trainer = Trainer(tc, unet, mr_loss(schedule, mr["noise_std"], target), data,
                       recipe={"mr": mr, "model": config.get("model", {}), "data": config.get("data", {})})
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()
     out = Path(tc.output_dir)
     if trainer.accelerator.is_main_process:
         ema.save_pretrained(out / "unet")
-        info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr.get("noise_std", 0.3),
+        info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr["noise_std"],
                 "target": target, "steps": trainer.step, "seed": tc.seed}
         (out / "mr.json").write_text(json.dumps(info, indent=1))
     return out

@@ -101,7 +101,7 @@ def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
 
 
 #: Training options that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = ("output_dir", "steps", "checkpoint_every", "log_every", "progress")
+RESUMABLE_CHANGES = ("output_dir", "steps", "checkpoint_every", "log_every", "progress", "cpu")
 
 
 def run_recipe(config: TrainConfig, recipe: dict | None = None) -> dict:
