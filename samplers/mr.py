@@ -418,15 +418,17 @@ class DPMSolver(Solver):
             h = lam[i + 1] - lam[i]
             e = (e + [pred.eps])[-2:]
             order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
-            if h == 0:
-                x_next = x
-            elif order == 1:
-                x_next = dpmsolver_first_order(x, e[-1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], h)
-            else:
-                x_next = dpmsolver_second_order(x, e[-1], e[-2], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], h,
-                                                h_prev, self.solver_type)
+            ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+            x_next = x if h == 0 else self.update(x, e, ends, h, h_prev, order, noise)
             h_prev = h
         yield x_next, None
+
+    def update(self, x, e, ends, h, h_prev, order, noise):
+        """One step from ``x`` with the last ``eps`` predictions ``e``; ``ends = (a, s, a', s')``."""
+        a, s, a_next, s_next = ends
+        if order == 1:
+            return dpmsolver_first_order(x, e[-1], a, s, a_next, s_next, h)
+        return dpmsolver_second_order(x, e[-1], e[-2], a, s, a_next, s_next, h, h_prev, self.solver_type)
 
 
 class SDEDPMSolver(DPMSolver):
@@ -437,25 +439,13 @@ class SDEDPMSolver(DPMSolver):
     label = "SDE-DPM-Solver (noise prediction)"
     stochastic = True
 
-    def steps(self, grid, noise):
-        t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, e, h_prev = grid.n_steps, None, [], None
-        for i in range(n):
-            x, pred = yield x_next, t[i]
-            h = lam[i + 1] - lam[i]
-            e = (e + [pred.eps])[-2:]
-            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
-            if h == 0:
-                x_next = x
-            elif sigma[i + 1] == 0:
-                x_next = dpmsolver_first_order(x, e[-1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], h)
-            elif order == 1:
-                x_next = sde_dpmsolver_first_order(x, e[-1], alpha[i], alpha[i + 1], sigma[i + 1], h, noise(x))
-            else:
-                x_next = sde_dpmsolver_second_order(x, e[-1], e[-2], alpha[i], alpha[i + 1], sigma[i + 1], h, h_prev,
-                                                    noise(x), self.solver_type)
-            h_prev = h
-        yield x_next, None
+    def update(self, x, e, ends, h, h_prev, order, noise):
+        a, s, a_next, s_next = ends
+        if s_next == 0:
+            return dpmsolver_first_order(x, e[-1], a, s, a_next, s_next, h)
+        if order == 1:
+            return sde_dpmsolver_first_order(x, e[-1], a, a_next, s_next, h, noise(x))
+        return sde_dpmsolver_second_order(x, e[-1], e[-2], a, a_next, s_next, h, h_prev, noise(x), self.solver_type)
 
 
 class MREulerMaruyama(Solver):
