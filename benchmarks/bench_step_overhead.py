@@ -25,8 +25,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
                        UNet2DModel)
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
-from samplers.diffusers import FewstepScheduler
+from fewstep.samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
+from fewstep.samplers.schedulers import FewstepScheduler
 
 # (label, diffusers scheduler, fewstep sampler, spacing, fewstep endpoint)
 CASES = [

@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from samplers import ContinuousVPSchedule, EDMSchedule, Sampler, TimeUniform
-from samplers.convergence import endpoint_error, measured_order
-from samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.samplers import ContinuousVPSchedule, EDMSchedule, Sampler, TimeUniform
+from fewstep.samplers.convergence import endpoint_error, measured_order
+from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP, EDM = ContinuousVPSchedule("linear"), EDMSchedule()

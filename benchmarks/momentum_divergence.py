@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from samplers import CFGDenoiser, DiscreteVPSchedule, Sampler
-from samplers.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
+from fewstep.samplers import CFGDenoiser, DiscreteVPSchedule, Sampler
+from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
 
 METHODS = {
     "PLMS4": ("plms", dict(warmup="lower_order")),

@@ -1,5 +1,5 @@
 """The MR Sampler on real images: denoise Fashion-MNIST test images with a small MR model trained by
-`python -m distill.mr_train --config configs/mr_fmnist.yaml`.
+`python -m fewstep.distill.mr_train --config configs/mr_fmnist.yaml`.
 
     python benchmarks/mr_restoration.py [--model teachers/mr_fmnist] [--n 256] [--grid docs/mr_restoration.png]
 
@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from distill.data import load_images
-from distill.mr_train import degrade, load_mr_model
-from samplers.mr import MRSampler
+from fewstep.distill.data import load_images
+from fewstep.distill.mr_train import degrade, load_mr_model
+from fewstep.samplers.mr import MRSampler
+from fewstep.teachers import MR_FMNIST
 
 METHODS = [
     ("MRS ODE-2, data", dict(method="ode", parameterization="data"), [5, 10, 20]),
@@ -35,7 +36,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="teachers/mr_fmnist")
+    p.add_argument("--model", default=str(MR_FMNIST))
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="write clean / degraded / MRS SDE-5 / MRS ODE-10 / EM-100 rows to this PNG")

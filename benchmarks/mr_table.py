@@ -20,10 +20,10 @@ import argparse
 
 import torch
 
-from samplers import Sampler
-from samplers.convergence import endpoint_error, measured_order
-from samplers.mr import DPMSolver, DPMSolverPP, MRSampler, MRSchedule
-from samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, sliced_wasserstein,
+from fewstep.samplers import Sampler
+from fewstep.samplers.convergence import endpoint_error, measured_order
+from fewstep.samplers.mr import DPMSolver, DPMSolverPP, MRSampler, MRSchedule
+from fewstep.samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, sliced_wasserstein,
                               w2_gaussian)
 
 F64 = torch.float64

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from samplers.momentum import plot_stability_regions, real_stability_interval
+from fewstep.samplers.momentum import plot_stability_regions, real_stability_interval
 
 REGIONS = {
     "PLMS4 (AB4)": dict(method="hb", order=4, beta=1.0),

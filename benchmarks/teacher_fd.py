@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from distill.data import load_images
-from eval.classifier import DEFAULT_WEIGHTS
-from eval.features import FeatureExtractor
-from eval.stats import RunningStats, frechet_distance
-from samplers import ModelDenoiser, Sampler
+from fewstep.distill.data import load_images
+from fewstep.eval.classifier import DEFAULT_WEIGHTS
+from fewstep.eval.features import FeatureExtractor
+from fewstep.eval.stats import RunningStats, frechet_distance
+from fewstep.samplers import ModelDenoiser, Sampler
+from fewstep.teachers import FMNIST
 
 LABELS = {"fmnist-classifier": "FD-fmnist", "efficientnet-lite0": "FD-effnet"}
 
@@ -61,7 +62,7 @@ def teacher_samples(den, name: str, nfe: int, shape, seed: int, cache: Path | No
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", default="teachers/fmnist")
+    p.add_argument("--pipeline", default=str(FMNIST))
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--ref-n", type=int, default=10000)
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
@@ -82,7 +83,7 @@ def main(argv=None):
     shape = (args.n, 1, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     tag = ""
     if args.time_shift:
-        from samplers.timeshift import TimeShiftDenoiser
+        from fewstep.samplers.timeshift import TimeShiftDenoiser
 
         window, cutoff = args.time_shift
         v = float(train_part.flatten(1).var(1).mean()) if args.data_variance == "auto" else float(args.data_variance)
@@ -100,7 +101,7 @@ def main(argv=None):
               f"{fd(stats_of(test_features[:half]), stats_of(test_features[half:])):.3f}; "
               f"FD({args.n} train images, test) = {fd(stats_of(features_of(fx, train_part)), ref):.3f}", flush=True)
         if args.save_reference and extractor == "fmnist-classifier":
-            from eval.harness import FeatureStats
+            from fewstep.eval.harness import FeatureStats
 
             FeatureStats(ref.mean.numpy(), ref.cov.numpy(), fx.protocol,
                          source=f"fashion_mnist test {len(test)}").save(args.save_reference)

@@ -18,9 +18,9 @@ import time
 import torch
 from torch import nn
 
-from samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
-from samplers.testbed import GaussianMixture, sliced_wasserstein
-from samplers.timeshift import TimeShift, TimeShiftDenoiser
+from fewstep.samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
+from fewstep.samplers.testbed import GaussianMixture, sliced_wasserstein
+from fewstep.samplers.timeshift import TimeShift, TimeShiftDenoiser
 
 
 class MLPDenoiser(nn.Module):

@@ -1,6 +1,6 @@
 """Sample a grid of images from a diffusers DDPM-style pipeline with any fewstep sampler.
 
-    python -m distill.grid --pipeline teachers/fmnist --sampler dpmpp_2m --steps 20 --out docs/teacher_samples.png
+    python -m fewstep.distill.grid --pipeline teachers/fmnist --sampler dpmpp_2m --steps 20 --out docs/teacher_samples.png
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from samplers import ModelDenoiser, Sampler
+from fewstep.samplers import ModelDenoiser, Sampler
 
 __all__ = ["sample_grid", "save_grid", "main"]
 

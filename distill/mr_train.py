@@ -1,6 +1,6 @@
 """Train a small mean-reverting (MR) restoration model on the training core, and restore with MRS.
 
-    python -m distill.mr_train --config configs/mr_fmnist.yaml
+    python -m fewstep.distill.mr_train --config configs/mr_fmnist.yaml
 
 The task: Gaussian denoising (``mu`` = clean image + ``noise_std`` noise in [-1, 1]). The network is a
 ``UNet2DModel`` that sees ``[x_t, mu]`` (two channels) and predicts, for
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from samplers.mr import MRDenoiser, MRSchedule
+from fewstep.samplers.mr import MRDenoiser, MRSchedule
 
 from .data import load_images
 from .trainer import TrainConfig, Trainer, load_config

@@ -58,7 +58,7 @@ def train_teacher(config: dict, max_steps: int | None = None, output_dir: str | 
     """Train (resuming if a checkpoint exists) and export the EMA teacher; returns the pipeline folder."""
     from diffusers import DDPMPipeline
 
-    from samplers.schedules import DiscreteVPSchedule
+    from fewstep.samplers.schedules import DiscreteVPSchedule
 
     unknown = sorted(set(config) - {"train", "model", "scheduler", "data", "eval"})
     if unknown:

@@ -17,11 +17,15 @@ sums as EDM2):
 - ``sweep``: samplers x NFE x seed ranges from ``configs/sweep_*.yaml`` or ``fewstep sweep`` / ``fewstep
   fid``, written as CSV / JSON / Markdown tables and an FD-vs-NFE plot.
 
-    from eval import FeatureExtractor, SamplerSource, compute_stats, reference_stats, score
+    from fewstep.eval import FeatureExtractor, SamplerSource, compute_stats, reference_stats, score
     fx = FeatureExtractor()                                   # TF-Inception pool3, EDM's protocol
     gen = compute_stats(SamplerSource(sampler, range(50_000), shape=(3, 32, 32)), fx)
     print(score(gen, FeatureStats.load("cifar10-32x32.npz")).fd)   # EDM's reference statistics
 """
+
+if __name__ != "fewstep.eval":  # the checkout's folder imported as a top-level package
+    raise ImportError(f"this folder is the package fewstep.eval; `import fewstep.eval` instead of "
+                      f"`import {__name__}` (install it once with `pip install -e .` from the repository root)")
 
 from .features import FeatureExtractor, WeightsUnavailable, register_extractor
 from . import classifier, effnet  # noqa: E402  register "fmnist-classifier", "efficientnet-lite0"

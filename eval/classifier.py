@@ -1,7 +1,7 @@
 """An offline feature space for Fashion-MNIST: a small CNN classifier whose penultimate features give a
 Frechet distance, reported as ``FD-fmnist`` (never "FID": the features are not Inception's).
 
-    python -m eval.classifier --out teachers/fmnist/classifier.pt      # trains, prints test accuracy
+    python -m fewstep.eval.classifier --out teachers/fmnist/classifier.pt      # trains, prints test accuracy
 
 Registered as the extractor ``fmnist-classifier`` (feature ``"128"``); weights from ``--weights`` /
 ``FeatureExtractor(weights=...)``, default the committed ``teachers/fmnist/classifier.pt``.
@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..teachers import FMNIST_CLASSIFIER
 from .features import register_extractor
 
 __all__ = ["FMNISTNet", "train_classifier", "accuracy", "ClassifierExtractor", "DEFAULT_WEIGHTS"]
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "teachers" / "fmnist" / "classifier.pt"
+DEFAULT_WEIGHTS = FMNIST_CLASSIFIER  # package data: found from any folder, editable or wheel install
 
 
 class FMNISTNet(nn.Module):
@@ -55,7 +56,7 @@ def accuracy(net: FMNISTNet, images: Tensor, labels: Tensor, batch: int = 1000) 
 def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      root: str | None = None) -> tuple[FMNISTNet, float]:
     """Train on Fashion-MNIST's train split (random shifts as augmentation); returns (net, test accuracy)."""
-    from distill.data import load_fashion_mnist, preprocess
+    from fewstep.distill.data import load_fashion_mnist, preprocess
 
     torch.manual_seed(seed)
     train_x, train_y = load_fashion_mnist("train", root, labels=True)
@@ -93,7 +94,7 @@ class ClassifierExtractor(_base()):
         path = Path(feature_extractor_weights_path or DEFAULT_WEIGHTS)
         if not path.is_file():
             raise FileNotFoundError(f"classifier weights {path} not found; train them with "
-                                    "`python -m eval.classifier --out PATH`")
+                                    "`python -m fewstep.eval.classifier --out PATH`")
         self.net = FMNISTNet()
         self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.net.eval().requires_grad_(False)

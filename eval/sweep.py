@@ -92,8 +92,8 @@ def _testbed(image_size: int = 8, channels: int = 3, components: int = 4, seed: 
              std: float = 0.2):
     """A Gaussian mixture over ``channels x image_size^2`` images, means ``spread * tanh(N(0, 1))`` so
     images live in about ``[-1, 1]``, with its exact denoiser on diffusers' default DDPM schedule."""
-    from samplers.schedules import DiscreteVPSchedule
-    from samplers.testbed import ExactDenoiser, GaussianMixture
+    from fewstep.samplers.schedules import DiscreteVPSchedule
+    from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
 
     shape = (channels, image_size, image_size)
     g = torch.Generator().manual_seed(seed)
@@ -155,7 +155,7 @@ def load_stats(spec, fx: FeatureExtractor, cfg: SweepConfig, mixture=None, shape
 
 def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print) -> tuple[list[SweepRun], dict]:
     """Run every (repeat, sampler, NFE) cell; returns the runs and ``{(sampler, nfe): first images}``."""
-    from samplers.sampler import Sampler
+    from fewstep.samplers.sampler import Sampler
 
     fx = fx or FeatureExtractor(cfg.extractor, cfg.layer, cfg.weights, cfg.device)
     denoiser, shape, mixture = load_model(cfg.model)
@@ -317,7 +317,7 @@ def save_grid(grids: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI entry points (fewstep_cli.COMMANDS)
+# CLI entry points (fewstep.cli.COMMANDS)
 
 
 def _fail(command: str, err: Exception) -> int:

@@ -1,5 +1,9 @@
 """fewstep.samplers: schedules, denoisers, timestep grids, solvers and diffusers adapters."""
 
+if __name__ != "fewstep.samplers":  # the checkout's folder imported as a top-level package
+    raise ImportError(f"this folder is the package fewstep.samplers; `import fewstep.samplers` instead of "
+                      f"`import {__name__}` (install it once with `pip install -e .` from the repository root)")
+
 from .denoisers import CFGDenoiser, Denoiser, ModelDenoiser, Prediction, convert_prediction, diffusers_unet_fn
 from .sampler import SAMPLERS, Sampler, make_solver
 from .momentum import GHVB, HeavyBall, momentum_number  # registers "hb" and "ghvb"

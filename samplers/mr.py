@@ -590,7 +590,7 @@ def register_mr_samplers(registry: dict | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers-style scheduler (built on first access: ``from samplers.mr import MRScheduler`` imports diffusers)
+# diffusers-style scheduler (built on first access: ``from fewstep.samplers.mr import MRScheduler`` imports diffusers)
 
 
 def _make_mr_scheduler_class():
@@ -641,7 +641,7 @@ def _make_mr_scheduler_class():
         def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
                           mu: Tensor | None = None):
             """Grid and a fresh solver run of ``num_inference_steps`` steps; optionally the condition ``mu``."""
-            from .diffusers import _as_timestep_tensor
+            from .schedulers import _as_timestep_tensor
 
             if mu is not None:
                 self.set_mu(mu)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import fewstep_cli
-from samplers.demo import format_tables, run_demo
-from samplers.sampler import SAMPLERS
+from fewstep import cli
+from fewstep.samplers.demo import format_tables, run_demo
+from fewstep.samplers.sampler import SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def fewstep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the installed console script, or the module from the checkout when not installed."""
     exe = shutil.which("fewstep")
-    cmd = [exe] if exe else [sys.executable, "-m", "fewstep_cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "fewstep.cli"]
     return subprocess.run(cmd + list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -33,12 +33,12 @@ def fewstep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     out = fewstep("--help")
     assert out.returncode == 0, out.stderr
-    for name in fewstep_cli.COMMANDS:
+    for name in cli.COMMANDS:
         assert name in out.stdout
 
 
 def test_every_subcommand_resolves_to_a_callable():
-    for name, cmd in fewstep_cli.COMMANDS.items():
+    for name, cmd in cli.COMMANDS.items():
         assert callable(getattr(importlib.import_module(cmd.module), cmd.function)), name
 
 
@@ -64,7 +64,7 @@ def test_samplers_lists_the_registry_with_options_and_defaults():
 ])
 def test_bad_input_is_a_usage_error_with_a_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        fewstep_cli.main(args)
+        cli.main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -76,7 +76,7 @@ def test_bad_input_exits_nonzero_from_the_shell():
 
 
 def test_config_file_is_read_and_flags_override_it(capsys):
-    code = fewstep_cli.main(["demo", "--config", str(REPO / "configs" / "demo.yaml"), "--samplers", "ddim",
+    code = cli.main(["demo", "--config", str(REPO / "configs" / "demo.yaml"), "--samplers", "ddim",
                              "--nfe", "2", "--n-samples", "64"])
     assert code == 0
     out = capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_config_with_an_unknown_key_is_rejected(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("nfe: [5]\nn_sample: 10\n")
     with pytest.raises(SystemExit):
-        fewstep_cli.main(["demo", "--config", str(path)])
+        cli.main(["demo", "--config", str(path)])
     assert "unknown option(s) ['n_sample']" in capsys.readouterr().err
 
 

@@ -21,9 +21,9 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMult
                        EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline)
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from samplers import (SAMPLERS, CFGDenoiser, DiffusersSpacing, DiscreteVPSchedule, ExplicitTimesteps,  # noqa: E402
+from fewstep.samplers import (SAMPLERS, CFGDenoiser, DiffusersSpacing, DiscreteVPSchedule, ExplicitTimesteps,  # noqa: E402
                       ModelDenoiser, Sampler, diffusers_unet_fn)
-from samplers.diffusers import FewstepScheduler  # noqa: E402
+from fewstep.samplers.schedulers import FewstepScheduler  # noqa: E402
 
 TOL = 1e-5  # max |difference| in float32 for "the same sample"
 SHAPE = (2, 3, 8, 8)

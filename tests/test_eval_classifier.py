@@ -4,8 +4,8 @@ identical sets and positive for different ones."""
 import pytest
 import torch
 
-from eval.classifier import FMNISTNet
-from eval.features import FeatureExtractor
+from fewstep.eval.classifier import FMNISTNet
+from fewstep.eval.features import FeatureExtractor
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def weights(tmp_path):
 
 
 def test_classifier_features_and_fd(weights):
-    from eval.stats import RunningStats, frechet_distance
+    from fewstep.eval.stats import RunningStats, frechet_distance
 
     fx = FeatureExtractor("fmnist-classifier", weights=weights, device="cpu")
     assert fx.layer == "128" and fx.protocol.extractor == "fmnist-classifier"

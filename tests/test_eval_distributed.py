@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.features import FeatureExtractor
-from eval.harness import SamplerSource, compute_stats
+from fewstep.eval.features import FeatureExtractor
+from fewstep.eval.harness import SamplerSource, compute_stats
 
 
 class TanhSampler:

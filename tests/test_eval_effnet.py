@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
-from eval import FeatureExtractor  # noqa: E402
-from eval.effnet import EfficientNetLite0Extractor  # noqa: E402
+from fewstep.eval import FeatureExtractor  # noqa: E402
+from fewstep.eval.effnet import EfficientNetLite0Extractor  # noqa: E402
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch_fidelity
 
-from eval.features import WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, save_random_inception_weights
-from eval.harness import TensorSource, compute_stats, score
+from fewstep.eval.features import WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, save_random_inception_weights
+from fewstep.eval.harness import TensorSource, compute_stats, score
 
 
 @pytest.fixture(scope="module")

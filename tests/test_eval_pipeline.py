@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch_fidelity
 
-import fewstep_cli
-from eval import harness
-from eval.features import INCEPTION_URL, WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, WeightsUnavailable
-from eval.harness import (DatasetSource, FeatureStats, FolderSource, SamplerSource, TensorSource, compute_stats,
+from fewstep import cli
+from fewstep.eval import harness
+from fewstep.eval.features import INCEPTION_URL, WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, WeightsUnavailable
+from fewstep.eval.harness import (DatasetSource, FeatureStats, FolderSource, SamplerSource, TensorSource, compute_stats,
                           reference_stats, score, seeded_noise)
-from eval.protocol import ProtocolMismatch
-from eval.stats import merge_all, RunningStats
-from eval.sweep import SweepConfig, run_sweep, write_outputs
+from fewstep.eval.protocol import ProtocolMismatch
+from fewstep.eval.stats import merge_all, RunningStats
+from fewstep.eval.sweep import SweepConfig, run_sweep, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
@@ -91,9 +91,9 @@ def test_sampler_source_images_depend_on_their_seed_only():
 
 
 def test_the_same_seeds_give_the_same_initial_noise_to_every_nfe():
-    from samplers.sampler import Sampler
-    from samplers.schedules import DiscreteVPSchedule
-    from samplers.testbed import ExactDenoiser, GaussianMixture
+    from fewstep.samplers.sampler import Sampler
+    from fewstep.samplers.schedules import DiscreteVPSchedule
+    from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
 
     denoiser = ExactDenoiser(GaussianMixture.gaussian(12, 0.0, 0.5), DiscreteVPSchedule.from_diffusers_config({}))
     starts = []
@@ -251,15 +251,15 @@ def test_cli_fid_between_two_image_tensors(tmp_path, capsys):
     args = ["fid", "--gen", str(tmp_path / "gen.pt"), "--ref", str(tmp_path / "ref.pt"), "--extractor", "fewstep-tiny",
             "--kid-subset-size", "20", "--cache-dir", str(tmp_path / "cache"), "--save", str(tmp_path / "g.npz"),
             "--json"]
-    assert fewstep_cli.main(args) == 0
+    assert cli.main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fd"] > 0 and out["kid_mean"] is not None and out["protocol"]["n"] == 40
     # the saved statistics score the same against the same reference
-    assert fewstep_cli.main(["fid", "--gen", str(tmp_path / "g.npz"), "--ref", str(tmp_path / "ref.pt"),
+    assert cli.main(["fid", "--gen", str(tmp_path / "g.npz"), "--ref", str(tmp_path / "ref.pt"),
                              "--extractor", "fewstep-tiny", "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fd"] == pytest.approx(out["fd"], rel=1e-12)
     # statistics saved under one protocol refuse another
-    assert fewstep_cli.main(["fid", "--gen", str(tmp_path / "g.npz"), "--ref", str(tmp_path / "ref.pt"),
+    assert cli.main(["fid", "--gen", str(tmp_path / "g.npz"), "--ref", str(tmp_path / "ref.pt"),
                              "--extractor", "fewstep-tiny", "--layer", "48",
                              "--cache-dir", str(tmp_path / "cache")]) == 1
     assert "different feature protocols" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_cli_fid_between_two_image_tensors(tmp_path, capsys):
 
 def test_cli_sweep_from_the_demo_config_with_overrides(tmp_path, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "sweep_testbed.yaml"
-    code = fewstep_cli.main(["sweep", "--config", str(config), "--samplers", "dpmpp_2m", "--nfe", "2", "4",
+    code = cli.main(["sweep", "--config", str(config), "--samplers", "dpmpp_2m", "--nfe", "2", "4",
                              "--n", "64", "--n-reference", "64", "--kid-subset-size", "32",
                              "--out", str(tmp_path / "sweep"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
@@ -277,8 +277,8 @@ def test_cli_sweep_from_the_demo_config_with_overrides(tmp_path, capsys):
 
 def test_cli_rejects_bad_sweep_options_before_running(capsys):
     with pytest.raises(SystemExit) as info:
-        fewstep_cli.main(["sweep", "--samplers", "no_such_sampler"])
+        cli.main(["sweep", "--samplers", "no_such_sampler"])
     assert info.value.code == 2 and "unknown sampler(s) 'no_such_sampler'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        fewstep_cli.main(["sweep", "--n", "10", "--kid-subset-size", "20"])
+        cli.main(["sweep", "--n", "10", "--kid-subset-size", "20"])
     assert "exceeds n=10" in capsys.readouterr().err

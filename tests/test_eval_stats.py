@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from eval.stats import (RunningStats, all_reduce_stats, frechet_distance, frechet_distance_eigvals,
+from fewstep.eval.stats import (RunningStats, all_reduce_stats, frechet_distance, frechet_distance_eigvals,
                         kernel_distance, merge_all, precision_recall)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from samplers import (GHVB, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, HeavyBall, ModelDenoiser, Sampler,
+from fewstep.samplers import (GHVB, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, HeavyBall, ModelDenoiser, Sampler,
                       TimeUniform, momentum_number)
-from samplers.convergence import endpoint_error, measured_order
-from samplers.momentum import ghvb_coefficients, plot_stability_regions, real_stability_interval
-from samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.samplers.convergence import endpoint_error, measured_order
+from fewstep.samplers.momentum import ghvb_coefficients, plot_stability_regions, real_stability_interval
+from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 EDM, VP = EDMSchedule(), ContinuousVPSchedule("linear")
@@ -142,7 +142,7 @@ def test_stability_plot_is_written(tmp_path):
 def test_schedulers_in_ddpm_pipeline_match_the_native_samplers(make_tiny_unet):
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from samplers.diffusers import GHVBScheduler, HeavyBallScheduler
+    from fewstep.samplers.schedulers import GHVBScheduler, HeavyBallScheduler
 
     unet, config = make_tiny_unet(), DDPMScheduler().config
     den = ModelDenoiser.from_diffusers(unet, config)
@@ -165,7 +165,7 @@ def test_schedulers_in_ddpm_pipeline_match_the_native_samplers(make_tiny_unet):
 def test_scheduler_round_trip_keeps_momentum(tmp_path):
     from diffusers import DDIMScheduler
 
-    from samplers.diffusers import GHVBScheduler
+    from fewstep.samplers.schedulers import GHVBScheduler
 
     s = GHVBScheduler.from_config(DDIMScheduler().config, momentum=2.5)
     s.save_pretrained(tmp_path)
@@ -176,7 +176,7 @@ def test_scheduler_round_trip_keeps_momentum(tmp_path):
 def test_heavy_ball_dpm_in_stable_diffusion_with_cfg_matches_diffusers_at_beta_one(tiny_sd_components):
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
-    from samplers.diffusers import HeavyBallScheduler
+    from fewstep.samplers.schedulers import HeavyBallScheduler
 
     sd_config = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False).config
@@ -235,7 +235,7 @@ def test_bad_momentum_arguments_raise(ctor, match):
 
 
 def test_bad_momentum_in_diffusers_config_raises():
-    from samplers.diffusers import GHVBScheduler
+    from fewstep.samplers.schedulers import GHVBScheduler
 
     with pytest.raises(ValueError, match="orders 1..5"):
         GHVBScheduler(momentum=6.2)

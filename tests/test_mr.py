@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-from samplers import Sampler
-from samplers.convergence import endpoint_error, measured_order
-from samplers.mr import (DPMSolver, DPMSolverPP, MRDenoiser, MREulerMaruyama, MRLinspace, MRSampler,
+from fewstep.samplers import Sampler
+from fewstep.samplers.convergence import endpoint_error, measured_order
+from fewstep.samplers.mr import (DPMSolver, DPMSolverPP, MRDenoiser, MREulerMaruyama, MRLinspace, MRSampler,
                          MRSchedule, SDEDPMSolver, dpmsolver_first_order, make_mr_solver, mr_sample,
                          register_mr_samplers)
-from samplers.sampler import SAMPLERS
-from samplers.schedules import ContinuousVPSchedule
-from samplers.solvers import dpmpp_first_order, dpmpp_second_order, sde_dpmpp_first_order
-from samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, mr_marginal, w2_gaussian,
+from fewstep.samplers.sampler import SAMPLERS
+from fewstep.samplers.schedules import ContinuousVPSchedule
+from fewstep.samplers.solvers import dpmpp_first_order, dpmpp_second_order, sde_dpmpp_first_order
+from fewstep.samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, mr_marginal, w2_gaussian,
                               w2_to_gaussian)
 
 F64 = torch.float64
@@ -98,7 +98,7 @@ def test_stationary_variance_is_sigma_inf_squared():
 
 
 def test_schedule_plugs_into_every_grid():
-    from samplers import Karras, LogSNRUniform, TimeQuadratic, TimeUniform
+    from fewstep.samplers import Karras, LogSNRUniform, TimeQuadratic, TimeUniform
 
     for ts in [TimeUniform(), TimeQuadratic(), LogSNRUniform(), Karras(), MRLinspace()]:
         for final in ["zero", "t_min"] if not isinstance(ts, MRLinspace) else ["zero"]:
@@ -346,7 +346,7 @@ def test_bad_input_gives_clear_errors():
 @pytest.mark.parametrize("method,prediction_type", [("ode", "noise"), ("sde", "velocity")])
 def test_mr_scheduler_loop_equals_the_native_sampler(method, prediction_type, tmp_path):
     pytest.importorskip("diffusers")
-    from samplers.mr import MRScheduler
+    from fewstep.samplers.mr import MRScheduler
 
     net = _network(prediction_type)
     sched = MRScheduler(prediction_type=prediction_type, method=method, t_min=0.1)

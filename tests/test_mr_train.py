@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.mr_train import load_mr_model, train_mr
-from samplers.mr import MRSampler
+from fewstep.distill.mr_train import load_mr_model, train_mr
+from fewstep.samplers.mr import MRSampler
 
 
 def tiny_config(tmp_path, idx_folder, **mr):
@@ -53,8 +53,8 @@ def test_committed_mr_model_loads_offline():
 
 @pytest.mark.skipif(not FMNIST_TEST.exists(), reason="dataset-fashion-mnist not installed")
 def test_committed_mr_model_restores_better_than_its_input():
-    from distill.data import load_images
-    from distill.mr_train import degrade
+    from fewstep.distill.data import load_images
+    from fewstep.distill.mr_train import degrade
 
     def psnr(x, ref):  # images in [-1, 1], PSNR on [0, 1]
         return float((10 * torch.log10(4 / (x.clamp(-1, 1) - ref).pow(2).flatten(1).mean(1))).mean())

@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import stats
 
-from samplers.denoisers import CFGDenoiser, Denoiser, Prediction
-from samplers.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
+from fewstep.samplers.denoisers import CFGDenoiser, Denoiser, Prediction
+from fewstep.samplers.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                                 Schedule)
-from samplers.testbed import (ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution, mixture_pf_ode_solution,
+from fewstep.samplers.testbed import (ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution, mixture_pf_ode_solution,
                               mmd_rbf, reference_pf_ode_solution, sample_moments, sliced_wasserstein, w2_gaussian,
                               w2_to_gaussian)
 

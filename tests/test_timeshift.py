@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
-from samplers.denoisers import Prediction, broadcast_like
-from samplers.solvers import ddim_step
-from samplers.testbed import ExactDenoiser, GaussianMixture, sliced_wasserstein
-from samplers.timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet, variance_matched_times
+from fewstep.samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
+from fewstep.samplers.denoisers import Prediction, broadcast_like
+from fewstep.samplers.solvers import ddim_step
+from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture, sliced_wasserstein
+from fewstep.samplers.timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet, variance_matched_times
 
 SCHEDULE = DiscreteVPSchedule.from_diffusers_config({})
 # Isotropic data in many dimensions: a sample's variance over its coordinates is a sharp estimate.
@@ -121,7 +121,7 @@ def test_target_time_step_is_ddim_to_the_shifted_time():
 def test_time_shift_unet_in_a_pipeline_equals_the_native_model_time_shift(make_tiny_unet):
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from samplers.diffusers import FewstepScheduler
+    from fewstep.samplers.schedulers import FewstepScheduler
 
     unet, config = make_tiny_unet(), DDPMScheduler().config
     wrapped = TimeShiftUNet(unet, config, window=40, cutoff=100)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from distill.data import load_fashion_mnist, load_images, preprocess, read_idx, to_uint8
-from distill.teacher import train_teacher
-from distill.trainer import TrainConfig, load_config
+from fewstep.distill.data import load_fashion_mnist, load_images, preprocess, read_idx, to_uint8
+from fewstep.distill.teacher import train_teacher
+from fewstep.distill.trainer import TrainConfig, load_config
 
 TINY = {
     "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2, "log_every": 2, "seed": 3,
@@ -64,7 +64,7 @@ def test_resume_refuses_a_checkpoint_of_a_different_recipe(idx_folder, tmp_path)
 def test_exported_teacher_loads_as_a_diffusers_pipeline(idx_folder, tmp_path):
     from diffusers import DDPMPipeline
 
-    from samplers.diffusers import FewstepScheduler
+    from fewstep.samplers.schedulers import FewstepScheduler
 
     path = train_teacher(tiny_config(idx_folder, tmp_path / "run"))
     pipe = DDPMPipeline.from_pretrained(path)
@@ -86,7 +86,7 @@ def test_train_teacher_cli_runs_a_tiny_config(idx_folder, tmp_path):
     config = tiny_config(idx_folder, tmp_path / "cli")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = subprocess.run([sys.executable, "-m", "fewstep_cli", "train-teacher", "--config", str(path),
+    out = subprocess.run([sys.executable, "-m", "fewstep.cli", "train-teacher", "--config", str(path),
                           "--max-steps", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert weights(tmp_path / "cli")["step"] == 2
@@ -159,7 +159,7 @@ def test_debian_fashion_mnist_when_installed():
 def test_committed_teacher_loads_offline_and_swaps_samplers():
     from diffusers import DDPMPipeline
 
-    from samplers.diffusers import FewstepScheduler
+    from fewstep.samplers.schedulers import FewstepScheduler
 
     pipe = DDPMPipeline.from_pretrained("teachers/fmnist")
     pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, sampler="dpmpp_2m")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from samplers import (CFGDenoiser, ContinuousVPSchedule, DiffusersSpacing, DiscreteVPSchedule, EDMSchedule,
+from fewstep.samplers import (CFGDenoiser, ContinuousVPSchedule, DiffusersSpacing, DiscreteVPSchedule, EDMSchedule,
                       ExplicitTimesteps, FlowMatchingSchedule, Grid, Karras, LogSNRUniform, ModelDenoiser,
                       TimeQuadratic, TimeUniform, convert_prediction, make_timesteps)
-from samplers.denoisers import dynamic_threshold
+from fewstep.samplers.denoisers import dynamic_threshold
 
 F64 = torch.float64
 SCHEDULES = {

@@ -67,8 +67,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_demo(opts: dict) -> None:
     """Validate demo options (also those from a config file) before the job starts."""
-    from samplers.sampler import SAMPLERS
-    from samplers.timesteps import make_timesteps
+    from fewstep.samplers.sampler import SAMPLERS
+    from fewstep.samplers.timesteps import make_timesteps
 
     nfe = opts.get("nfe", [5])
     if (not isinstance(nfe, (list, tuple)) or not nfe
@@ -125,7 +125,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_sweep(opts: dict) -> None:
     """Validate sweep options (also those from a config file) before the job starts."""
-    from samplers.sampler import SAMPLERS
+    from fewstep.samplers.sampler import SAMPLERS
 
     names = opts.get("samplers") or []
     unknown = [n for n in names if n not in SAMPLERS]
@@ -153,20 +153,20 @@ def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
 
 #: Subcommand -> how to run it.
 COMMANDS: dict[str, Command] = {
-    "samplers": Command("fewstep_cli", "list_samplers",
+    "samplers": Command("fewstep.cli", "list_samplers",
                         "list the registered samplers: solver, options with defaults, summary"),
-    "demo": Command("samplers.demo", "main",
+    "demo": Command("fewstep.samplers.demo", "main",
                     "compare samplers x NFE on the exact Gaussian-mixture testbed (CPU, seconds): "
                     "error to the exact PF-ODE solution and sliced W2 to data",
                     _add_demo_arguments, _check_demo, config=True),
-    "fid": Command("eval.sweep", "fid_main",
+    "fid": Command("fewstep.eval.sweep", "fid_main",
                    "FD (and KID, precision/recall) between generated images and a reference, with its protocol",
                    _add_fid_arguments),
-    "sweep": Command("eval.sweep", "sweep_main",
+    "sweep": Command("fewstep.eval.sweep", "sweep_main",
                      "FD of samplers x NFE x seed ranges against one reference: CSV/JSON/Markdown tables and a "
                      "FD-vs-NFE plot (configs/sweep_*.yaml)",
                      _add_sweep_arguments, _check_sweep, config=True),
-    "train-teacher": Command("distill.teacher", "cli",
+    "train-teacher": Command("fewstep.distill.teacher", "cli",
                              "train a diffusers UNet2DModel teacher with the training core (accelerate, EMA, "
                              "checkpoints, exact resume); exports a DDPMPipeline",
                              _add_train_teacher_arguments),
@@ -198,7 +198,7 @@ def _solver_options(spec) -> tuple[str, str]:
 
 def list_samplers() -> int:
     """Print the ``SAMPLERS`` registry as a table."""
-    from samplers.sampler import SAMPLERS
+    from fewstep.samplers.sampler import SAMPLERS
 
     header = ("name", "solver", "kind", "options (defaults)", "summary")
     rows = []

@@ -1,0 +1,13 @@
+"""fewstep: few-step diffusion samplers, distillation and FID evaluation in one suite.
+
+The three parts live in their own subpackages (``fewstep.samplers``, ``fewstep.distill``,
+``fewstep.eval``); the committed networks and statistics are in ``fewstep.teachers``.
+``fewstep`` on the command line is ``fewstep.cli``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("fewstep")
+except PackageNotFoundError:  # imported from a checkout without installing
+    __version__ = "unknown (not installed)"
