@@ -1,0 +1,608 @@
+"""The training core every fewstep method runs on: state + method + loop (DESIGN.md, "Students are samplers").
+
+- **state** (``TrainState``): named networks -- trainable ones with their optimizer, learning-rate
+  schedule, gradient clipping and optional EMA; frozen ones (a teacher), on the device but not wrapped
+  for training -- and the counters ``step`` (optimizer steps), ``round`` and ``step_in_round``. One
+  checkpoint holds all of it plus the run's recipe; it is written atomically and rotated.
+- **a method** (``Method``): declares its networks and rounds; ``train_step(ctx, batch)`` returns named
+  losses and updates networks through ``ctx.update(name, loss)``, as many as it likes per step (a critic
+  several times, a generator once); ``begin_round`` swaps networks between rounds (PD's teacher <-
+  student). The core gives every trainable network a fresh optimizer and schedule at each round.
+- **the loop** (``fit``): accelerate (one CPU to many GPUs, mixed precision), gradient accumulation done
+  here (``accumulation`` micro-batches per optimizer step, synchronised only on the last), data through
+  an accelerate-prepared ``DataLoader`` whose batch of step ``k`` is a function of ``(seed, k)``, and the
+  global RNG re-seeded from ``(seed, step, micro-batch, process)`` before every micro-batch, so dropout
+  and noise replay exactly. Counters and EMAs advance on optimizer steps only, and checkpoints and
+  interruptions (SIGINT / SIGTERM: save, say where it resumes, exit) happen between optimizer steps, so
+  a killed run resumed from its last checkpoint ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["OptimizerConfig", "Network", "Method", "StepContext", "TrainState", "CoreConfig", "fit",
+           "StepBatchSampler", "RunLock", "checkpoint_paths", "data_fingerprint", "Interrupted"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a method declares
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with a warm-up, then constant or linearly annealed (to 0 at the end of each round)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    anneal: str = "constant"  # "constant" | "linear"
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # None: no EMA of this network
+    ema_start: int = 0  # optimizer steps (in the round) before the EMA starts averaging
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.anneal not in ("constant", "linear"):
+            raise ValueError(f"anneal must be 'constant' or 'linear', got {self.anneal!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+    def lr_at(self, step_in_round: int, round_steps: int) -> float:
+        """The learning rate of optimizer step ``step_in_round`` (0-based) of a round."""
+        if self.warmup_steps and step_in_round < self.warmup_steps:
+            return self.lr * (step_in_round + 1) / self.warmup_steps
+        if self.anneal == "linear":
+            return self.lr * max(0.0, 1.0 - step_in_round / round_steps)
+        return self.lr
+
+
+@dataclass
+class Network:
+    """A network of a method: trainable (with ``optim``) or frozen (``optim=None``)."""
+
+    module: nn.Module
+    optim: OptimizerConfig | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.optim is not None
+
+
+class Method:
+    """A training method. Subclasses set ``name`` and implement ``networks`` and ``train_step``."""
+
+    name = "method"
+    #: Whether ``train_step`` reads a data batch (data-free methods set False and get ``batch=None``).
+    needs_data = True
+
+    def networks(self) -> dict[str, Network]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def round_steps(self, steps: int) -> list[int]:
+        """Optimizer steps per round; default one round of ``steps``."""
+        return [steps]
+
+    def begin_round(self, round_index: int, nets: "TrainState") -> None:
+        """Called when round ``round_index`` starts fresh (not on resume): e.g. copy student -> teacher."""
+
+    def train_step(self, ctx: "StepContext", batch: Tensor | None) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def recipe(self) -> dict:
+        """The method's settings a resumed run must share (compared on resume)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class CoreConfig:
+    """The loop's own settings (a training config's ``train:`` section)."""
+
+    output_dir: str = "outputs/run"
+    steps: int = 1000  # optimizer steps, all rounds together
+    batch_size: int = 64  # examples per optimizer step, over all processes and micro-batches
+    accumulation: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    mixed_precision: str = "no"
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.batch_size % self.accumulation:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulation {self.accumulation}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+
+#: Settings that may change between a checkpoint and the run resuming it.
+RESUMABLE = ("output_dir", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "cpu")
+
+
+class TrainState:
+    """Networks, optimizers, EMAs and counters of a run; ``state_dict`` is the checkpoint."""
+
+    def __init__(self, nets: dict[str, Network], accelerator):
+        self.accelerator = accelerator
+        self.specs = nets
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.emas: dict[str, nn.Module] = {}
+        self.step = self.round = self.step_in_round = 0
+        for name, net in nets.items():
+            if net.trainable:
+                self.modules[name] = net.module.train()
+                if net.optim.ema_decay is not None:
+                    self.emas[name] = _frozen_copy(net.module).to(accelerator.device)
+            else:
+                self.modules[name] = net.module.to(accelerator.device).eval().requires_grad_(False)
+        self.reset_optimizers()
+
+    def reset_optimizers(self) -> None:
+        """Fresh optimizers for every trainable network (each round starts with its own)."""
+        for name, net in self.specs.items():
+            if not net.trainable:
+                continue
+            module = self.accelerator.unwrap_model(self.modules[name])
+            o = net.optim
+            opt = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                    weight_decay=o.weight_decay)
+            self.modules[name], self.optimizers[name] = self.accelerator.prepare(module, opt)
+
+    def net(self, name: str) -> nn.Module:
+        """The network as the method trains it (wrapped for training when trainable)."""
+        return self.modules[name]
+
+    def unwrapped(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    def ema(self, name: str) -> nn.Module:
+        """The EMA of a trainable network, or the network itself when it has none."""
+        return self.emas.get(name) or self.unwrapped(name)
+
+    def load_weights(self, name: str, source: nn.Module) -> None:
+        """Copy ``source``'s weights into network ``name`` (and reset its EMA to them)."""
+        self.unwrapped(name).load_state_dict(source.state_dict())
+        if name in self.emas:
+            self.emas[name].load_state_dict(source.state_dict())
+
+    def state_dict(self) -> dict:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {
+            "counters": {"step": self.step, "round": self.round, "step_in_round": self.step_in_round},
+            "networks": {name: self.unwrapped(name).state_dict() for name in self.modules},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "emas": {name: ema.state_dict() for name, ema in self.emas.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, weights in state["networks"].items():
+            self.unwrapped(name).load_state_dict(weights)
+        for name, weights in state["emas"].items():
+            self.emas[name].load_state_dict(weights)
+        for name, opt_state in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(opt_state)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        c = state["counters"]
+        self.step, self.round, self.step_in_round = c["step"], c["round"], c["step_in_round"]
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+class StepContext:
+    """What ``Method.train_step`` sees: the networks, this micro-batch's generator, and ``update``."""
+
+    def __init__(self, state: TrainState, config: CoreConfig, round_steps: list[int], generator: torch.Generator,
+                 micro: int):
+        self.state, self.config, self.generator, self.micro = state, config, generator, micro
+        self._round_steps = round_steps
+        self.updated: set[str] = set()
+
+    # counters, read-only for the method
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    @property
+    def step_in_round(self) -> int:
+        return self.state.step_in_round
+
+    @property
+    def round_length(self) -> int:
+        return self._round_steps[self.state.round]
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.accelerator.device
+
+    def net(self, name: str) -> nn.Module:
+        return self.state.net(name)
+
+    def update(self, name: str, loss: Tensor) -> Tensor:
+        """Back-propagate ``loss`` into network ``name``; on the last micro-batch of the step, clip,
+        step its optimizer at this step's learning rate and advance its EMA. Returns ``loss`` detached."""
+        state, acc = self.state, self.state.accelerator
+        spec = state.specs[name]
+        if not spec.trainable:
+            raise ValueError(f"network {name!r} is frozen; only trainable networks can be updated")
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"non-finite loss {float(loss.detach())} for {name!r} at step {state.step}; "
+                                     "lower the learning rate or check the data")
+        module, opt = state.modules[name], state.optimizers[name]
+        last = self.micro == self.config.accumulation - 1
+        sync = contextlib.nullcontext() if last else acc.no_sync(module)
+        with sync:
+            acc.backward(loss / self.config.accumulation)
+        if last:
+            if spec.optim.grad_clip:
+                acc.clip_grad_norm_(module.parameters(), spec.optim.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = spec.optim.lr_at(state.step_in_round, self.round_length)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if name in state.emas:
+                started = state.step_in_round >= spec.optim.ema_start
+                _ema_update(state.emas[name], state.unwrapped(name), spec.optim.ema_decay if started else 0.0)
+            self.updated.add(name)
+        return loss.detach()
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _seed(seed: int, step: int, micro: int, process: int) -> int:
+    """A distinct 63-bit seed per (run seed, optimizer step, micro-batch, process)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}/{process}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class StepBatchSampler(Sampler):
+    """Batches whose content is a function of the optimizer step: micro-batch ``m`` of step ``k`` is a
+    slice of a seeded permutation of epoch ``(k * B) // N`` -- every example once per epoch, and a run
+    resumed at step ``k`` draws what the uninterrupted run drew. Yields ``steps * accumulation``
+    micro-batches of ``batch_size / accumulation`` indices from step ``start``.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, accumulation: int, seed: int, start: int, stop: int):
+        if n_examples < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n_examples} training examples")
+        self.n, self.batch, self.accumulation = n_examples, batch_size, accumulation
+        self.seed, self.start, self.stop = seed, start, stop
+        self.batch_size = batch_size // accumulation  # what one yield holds (accelerate reads it to split)
+
+    def _epoch(self, e: int) -> Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.seed, e, -1, -1)))
+
+    def step_indices(self, step: int) -> Tensor:
+        first = step * self.batch
+        epoch, offset = divmod(first, self.n)
+        idx = self._epoch(epoch)[offset:offset + self.batch]
+        if len(idx) < self.batch:  # the step straddles two epochs
+            idx = torch.cat([idx, self._epoch(epoch + 1)[: self.batch - len(idx)]])
+        return idx
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.batch_size
+        for step in range(self.start, self.stop):
+            idx = self.step_indices(step)
+            for m in range(self.accumulation):
+                yield idx[m * micro:(m + 1) * micro].tolist()
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accumulation
+
+
+def data_fingerprint(dataset: Dataset, samples: int = 8) -> dict:
+    """Size and a hash of a few evenly spaced examples: a resumed run refuses data that changed."""
+    n = len(dataset)
+    h = hashlib.sha256()
+    for i in sorted({round(k * (n - 1) / max(samples - 1, 1)) for k in range(samples)}) if n else []:
+        item = dataset[i]
+        item = item[0] if isinstance(item, (tuple, list)) else item
+        h.update(torch.as_tensor(item).detach().cpu().contiguous().numpy().tobytes())
+    return {"examples": n, "sha256": h.hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, lock, signals
+
+
+def checkpoint_paths(output_dir: str | os.PathLike) -> list[Path]:
+    """This run's checkpoints, oldest first (``checkpoint-<step>.pt``)."""
+    return sorted(Path(output_dir).glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if getattr(err, "errno", None) == 28 or "No space left" in str(err):
+            raise OSError(f"no space left on the device for {path}; free space and resume") from err
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class RunLock:
+    """An exclusive lock on an output folder (``.lock``, flock): two runs on one folder is an error."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise RuntimeError(f"{self.path.parent} is in use by another run (lock {self.path}); "
+                               "wait for it or choose another output_dir") from None
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Interrupted(Exception):
+    """Raised out of ``fit`` after SIGINT / SIGTERM, once the checkpoint is written."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted: saved step {step} to {path}; run the same command again to resume")
+        self.step, self.path = step, path
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[dict]:
+    """SIGINT / SIGTERM set a flag instead of killing the loop, which checkpoints and stops."""
+    caught: dict = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        caught["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def _recipe(config: CoreConfig, method: Method, data: dict | None) -> dict:
+    train = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
+    return json.loads(json.dumps({"method": method.name, "train": train, "settings": method.recipe(),
+                                  "data": data}, sort_keys=True, default=str))
+
+
+def _changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _changes(saved.get(key, "<absent>"), current.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
+def _load_latest(folder: Path) -> tuple[dict | None, Path | None]:
+    """The newest checkpoint that loads; a torn or corrupt newer one is reported and skipped."""
+    for path in reversed(checkpoint_paths(folder)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False), path
+        except Exception as err:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            print(f"warning: skipping unreadable checkpoint {path} ({type(err).__name__}: {err})")
+    return None, None
+
+
+def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, accelerator=None,
+        max_steps: int | None = None, log=print) -> FitResult:
+    """Train ``method`` to ``config.steps`` optimizer steps (or ``max_steps`` more), resuming from the
+    newest checkpoint in ``config.output_dir`` when one exists."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    if method.needs_data and dataset is None:
+        raise ValueError(f"method {method.name!r} trains on data; give it a dataset")
+    if accelerator is None:
+        accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if config.batch_size // config.accumulation % accelerator.num_processes:
+        raise ValueError(f"a micro-batch of {config.batch_size // config.accumulation} does not split over "
+                         f"{accelerator.num_processes} processes")
+    out = Path(config.output_dir)
+    _check_writable(out)
+    rounds = method.round_steps(config.steps)
+    if sum(rounds) != config.steps:
+        raise ValueError(f"{method.name}: rounds {rounds} do not add up to steps {config.steps}")
+    fingerprint = data_fingerprint(dataset) if dataset is not None else None
+    recipe = _recipe(config, method, fingerprint)
+
+    lock = RunLock(out) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, _deferred_signals() as caught:
+        torch.manual_seed(config.seed)  # network initialisation inside the method happens before this
+        state = TrainState(method.networks(), accelerator)
+        result = FitResult(state)
+        saved, path = _load_latest(out)
+        if saved is not None:
+            changed = _changes(saved.get("recipe"), recipe)
+            if changed:
+                raise ValueError(f"{path} was written by a different run ({'; '.join(changed)}); use a new "
+                                 "output_dir, or delete its checkpoints to start over")
+            if saved["state"]["counters"]["step"] > config.steps:
+                raise ValueError(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
+                                 f"steps {config.steps}; raise steps to continue it or use a new output_dir")
+            state.load_state_dict(saved["state"])
+            result.history = saved.get("history", [])
+            result.resumed_from = state.step
+            log(f"resuming {out} at step {state.step} (round {state.round}, step {state.step_in_round} in round)")
+        stop = config.steps if max_steps is None else min(config.steps, state.step + max_steps)
+        if state.step >= stop:
+            log(f"{out}: already at step {state.step} of {config.steps}; nothing to train")
+            return result
+
+        def save():
+            accelerator.wait_for_everyone()
+            path = out / f"checkpoint-{state.step:08d}.pt"
+            if accelerator.is_main_process:
+                _atomic_torch_save({"state": state.state_dict(), "recipe": recipe, "history": result.history}, path)
+                for old in checkpoint_paths(out)[:-config.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+            accelerator.wait_for_everyone()
+            return path
+
+        loader = None
+        if method.needs_data:
+            sampler = StepBatchSampler(len(dataset), config.batch_size, config.accumulation, config.seed,
+                                       state.step, stop)
+            loader = iter(accelerator.prepare(DataLoader(dataset, batch_sampler=sampler, num_workers=0)))
+        bar = _progress(config, accelerator, state.step)
+        running: dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        while state.step < stop:
+            if state.step_in_round == 0:  # a round begins (a checkpoint at a boundary is taken before this)
+                method.begin_round(state.round, state)
+                if state.round > 0:
+                    state.reset_optimizers()
+            losses: dict[str, float] = {}
+            for micro in range(config.accumulation):
+                # The batch first: a DataLoader iterator draws its own seed from the global RNG when created.
+                batch = _first(next(loader)) if loader is not None else None
+                seed = _seed(config.seed, state.step, micro, accelerator.process_index)
+                torch.manual_seed(seed)
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                ctx = StepContext(state, config, rounds, generator, micro)
+                with accelerator.autocast():
+                    step_losses = method.train_step(ctx, batch)
+                for k, v in step_losses.items():
+                    losses[k] = losses.get(k, 0.0) + float(v) / config.accumulation
+            _advance(state, rounds)
+            window_steps += 1
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+            if state.step % config.log_every == 0 or state.step == stop:
+                seconds = time.perf_counter() - window_start
+                entry = {"step": state.step, "round": state.round, **{k: v / window_steps for k, v in running.items()},
+                         "steps_per_s": window_steps / max(seconds, 1e-9)}
+                result.history.append(entry)
+                running, window_start, window_steps = {}, time.perf_counter(), 0
+            interrupted = caught["signal"] is not None
+            if state.step % config.checkpoint_every == 0 or state.step == stop or interrupted:
+                path = save()
+                if interrupted:
+                    if bar is not None:
+                        bar.close()
+                    raise Interrupted(state.step, path)
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def _advance(state: TrainState, rounds: list[int]) -> None:
+    state.step += 1
+    state.step_in_round += 1
+    if state.step_in_round == rounds[state.round] and state.round + 1 < len(rounds):
+        state.round += 1
+        state.step_in_round = 0
+
+
+def _first(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _progress(config: CoreConfig, accelerator, start: int):
+    if not (config.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when the output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
