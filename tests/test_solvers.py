@@ -6,9 +6,9 @@ import torch
 
 from fewstep.samplers import (SAMPLERS, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                       Sampler, TimeUniform)
-from fewstep.samplers import convergence
-from fewstep.samplers.convergence import measured_order
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.testbed import convergence
+from fewstep.testbed.convergence import measured_order
+from fewstep.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP = ContinuousVPSchedule("linear")
@@ -106,7 +106,7 @@ def test_dpmpp_2m_lower_order_final_only_changes_the_last_steps():
 
 
 def test_stochastic_samples_converge_to_the_data_distribution():
-    from fewstep.samplers.testbed import w2_to_gaussian
+    from fewstep.testbed import w2_to_gaussian
 
     den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
     cov = torch.diag(GAUSS.variances[0])
