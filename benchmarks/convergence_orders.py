@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from fewstep.samplers import ContinuousVPSchedule, EDMSchedule, Sampler, TimeUniform
-from fewstep.samplers.convergence import endpoint_error, measured_order
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.testbed.convergence import endpoint_error, measured_order
+from fewstep.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP, EDM = ContinuousVPSchedule("linear"), EDMSchedule()

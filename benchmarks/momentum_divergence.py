@@ -16,7 +16,7 @@ import time
 import torch
 
 from fewstep.samplers import CFGDenoiser, DiscreteVPSchedule, Sampler
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
+from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
 
 METHODS = {
     "PLMS4": ("plms", dict(warmup="lower_order")),

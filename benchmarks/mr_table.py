@@ -21,9 +21,10 @@ import argparse
 import torch
 
 from fewstep.samplers import Sampler
-from fewstep.samplers.convergence import endpoint_error, measured_order
-from fewstep.samplers.mr import DPMSolver, DPMSolverPP, MRSampler, MRSchedule
-from fewstep.samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, sliced_wasserstein,
+from fewstep.testbed.convergence import endpoint_error, measured_order
+from fewstep.samplers.mr import MRSampler, MRSchedule
+from fewstep.samplers.solvers import DPMSolver, DPMSolverPP
+from fewstep.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, sliced_wasserstein,
                               w2_gaussian)
 
 F64 = torch.float64

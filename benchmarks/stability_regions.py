@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from fewstep.samplers.momentum import plot_stability_regions, real_stability_interval
+import numpy as np
+
+from fewstep.testbed.stability import real_stability_interval, spectral_radius
 
 REGIONS = {
     "PLMS4 (AB4)": dict(method="hb", order=4, beta=1.0),
@@ -19,6 +21,35 @@ REGIONS = {
     "GHVB 1.5": dict(method="ghvb", order=2, beta=0.5),
     "Euler (DDIM)": dict(method="hb", order=1, beta=1.0),
 }
+
+
+def plot_stability_regions(methods: dict[str, dict], path: str, re_range=(-4.0, 0.5), im_range=(-2.5, 2.5),
+                           resolution: int = 241) -> str:
+    """Contour plot (PNG) of ``{label: dict(method=..., order=..., beta=...)}`` stability regions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    re = np.linspace(*re_range, resolution)
+    im = np.linspace(*im_range, resolution)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for k, (label, spec) in enumerate(methods.items()):
+        spec = dict(spec)
+        method = spec.pop("method")
+        rho = np.array([[spectral_radius(method, complex(r, i), **spec) for r in re] for i in im])
+        ax.contour(re, im, rho, levels=[1.0], colors=[f"C{k}"])
+        ax.plot([], [], color=f"C{k}", label=label)  # contour sets carry no legend entry
+    ax.axhline(0, color="0.7", lw=0.5)
+    ax.axvline(0, color="0.7", lw=0.5)
+    ax.set_xlabel("Re(h lambda)")
+    ax.set_ylabel("Im(h lambda)")
+    ax.set_title("Stability regions on d x/d sigma = lambda x (inside the curves)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):

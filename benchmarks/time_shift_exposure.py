@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fewstep.samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
-from fewstep.samplers.testbed import GaussianMixture, sliced_wasserstein
+from fewstep.testbed import GaussianMixture, sliced_wasserstein
 from fewstep.samplers.timeshift import TimeShift, TimeShiftDenoiser
 
 

@@ -93,7 +93,7 @@ def _testbed(image_size: int = 8, channels: int = 3, components: int = 4, seed: 
     """A Gaussian mixture over ``channels x image_size^2`` images, means ``spread * tanh(N(0, 1))`` so
     images live in about ``[-1, 1]``, with its exact denoiser on diffusers' default DDPM schedule."""
     from fewstep.samplers.schedules import DiscreteVPSchedule
-    from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+    from fewstep.testbed import ExactDenoiser, GaussianMixture
 
     shape = (channels, image_size, image_size)
     g = torch.Generator().manual_seed(seed)

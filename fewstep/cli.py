@@ -67,7 +67,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_demo(opts: dict) -> None:
     """Validate demo options (also those from a config file) before the job starts."""
-    from fewstep.samplers.sampler import SAMPLERS
+    from fewstep.samplers.registry import SAMPLERS
     from fewstep.samplers.timesteps import make_timesteps
 
     nfe = opts.get("nfe", [5])
@@ -125,7 +125,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_sweep(opts: dict) -> None:
     """Validate sweep options (also those from a config file) before the job starts."""
-    from fewstep.samplers.sampler import SAMPLERS
+    from fewstep.samplers.registry import SAMPLERS
 
     names = opts.get("samplers") or []
     unknown = [n for n in names if n not in SAMPLERS]
@@ -155,7 +155,7 @@ def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "samplers": Command("fewstep.cli", "list_samplers",
                         "list the registered samplers: solver, options with defaults, summary"),
-    "demo": Command("fewstep.samplers.demo", "main",
+    "demo": Command("fewstep.demo", "main",
                     "compare samplers x NFE on the exact Gaussian-mixture testbed (CPU, seconds): "
                     "error to the exact PF-ODE solution and sliced W2 to data",
                     _add_demo_arguments, _check_demo, config=True),
@@ -198,7 +198,7 @@ def _solver_options(spec) -> tuple[str, str]:
 
 def list_samplers() -> int:
     """Print the ``SAMPLERS`` registry as a table."""
-    from fewstep.samplers.sampler import SAMPLERS
+    from fewstep.samplers.registry import SAMPLERS
 
     header = ("name", "solver", "kind", "options (defaults)", "summary")
     rows = []

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from torch import Tensor
 
-from .sampler import SAMPLERS, SamplerSpec
-from .solvers import (AB_COEFFICIENTS, Solver, _multistep_order, _scalars, adams_bashforth, dpmpp_first_order,
-                      sigma_bar_transfer)
+from .solvers import Multistep, Solver, _scalars
+from .updates import adams_bashforth, dpmpp_first_order, sigma_bar_transfer
 
 __all__ = [
     "momentum_number",
@@ -33,10 +31,6 @@ __all__ = [
     "ghvb_combination",
     "HeavyBall",
     "GHVB",
-    "step_matrix",
-    "spectral_radius",
-    "real_stability_interval",
-    "plot_stability_regions",
 ]
 
 #: GHVB's multistep coefficients, newest velocity first, as ``(a, b)`` pairs meaning ``(a + b beta) / d``
@@ -99,12 +93,13 @@ def dpmpp_2m_data_prediction(m0: Tensor, m1: Tensor, h: float, h_prev: float) ->
     return m0 + (m0 - m1) * (0.5 * h / h_prev)
 
 
-class HeavyBall(Solver):
+class HeavyBall(Multistep):
     """HB(beta) momentum on PLMS_r (``base="plms"``, fixed-step AB with lower-order warm-up) or on
     DPM-Solver++(2M) (``base="dpmsolver++"``, midpoint). ``beta = 1`` is the base method exactly.
 
     ``nesterov=True`` (PLMS base only) takes the step with ``(1 - beta) v + beta AB_r(eps)`` after the
     velocity update (the official NT variant). Give ``order`` and ``beta``, or ``momentum`` (3.8).
+    On DPM-Solver++ it is the ``Multistep`` loop with the velocity as its carried state.
     """
 
     name = "hb"
@@ -125,7 +120,7 @@ class HeavyBall(Solver):
         self.nesterov, self.lower_order_final = bool(nesterov), bool(lower_order_final)
 
     def steps(self, grid, noise):
-        return self._plms(grid) if self.base == "plms" else self._dpmpp(grid)
+        return self._plms(grid) if self.base == "plms" else super().steps(grid, noise)
 
     def _plms(self, grid):
         t, alpha, sigma, _ = _scalars(grid)
@@ -139,25 +134,14 @@ class HeavyBall(Solver):
             x_next = sigma_bar_transfer(x, step, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
         yield x_next, None
 
-    def _dpmpp(self, grid):
-        t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, m, h_prev, v = grid.n_steps, None, [], None, None
-        for i in range(n):
-            x, pred = yield x_next, t[i]
-            h = lam[i + 1] - lam[i]
-            m = (m + [pred.x0])[-2:]
-            if h == 0:
-                x_next = x
-                continue
-            if _multistep_order(i, n, 2, self.lower_order_final, grid.ends_at_data) == 1:
-                d = m[-1]  # first-order steps bypass the momentum
-            else:
-                combined = dpmpp_2m_data_prediction(m[-1], m[-2], h, h_prev)
-                v = combined if v is None else heavy_ball(v, combined, self.beta)
-                d = v
-            x_next = dpmpp_first_order(x, d, sigma[i], alpha[i + 1], sigma[i + 1], h)
-            h_prev = h
-        yield x_next, None
+    def update(self, x, m, hs, ends, order, noise, v):
+        """The DPM-Solver++ 1 step with the velocity of the 2M data predictions; first-order steps
+        bypass the momentum (as the official code does) and leave the velocity as it is."""
+        if order == 1:
+            return dpmpp_first_order(x, m[-1], *ends, hs[-1]), v
+        combined = dpmpp_2m_data_prediction(m[-1], m[-2], hs[-1], hs[-2])
+        v = combined if v is None else heavy_ball(v, combined, self.beta)
+        return dpmpp_first_order(x, v, *ends, hs[-1]), v
 
 
 class GHVB(Solver):
@@ -179,89 +163,3 @@ class GHVB(Solver):
             slope = ghvb_combination(velocities, self.beta)
             x_next = sigma_bar_transfer(x, slope, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
         yield x_next, None
-
-
-SAMPLERS["hb"] = SamplerSpec(HeavyBall, {}, "Heavy-ball momentum on PLMS_r or DPM-Solver++(2M) (Wizadwongsa et al. 2024)")
-SAMPLERS["ghvb"] = SamplerSpec(GHVB, {}, "Generalized heavy ball GHVB_r(beta), order r (Wizadwongsa et al. 2024)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stability regions on the linear test equation d x_bar / d sigma_bar = lam x_bar (paper sec. 4)
-
-
-def _hb_plms_state_step(state: np.ndarray, z: complex, order: int, beta: float, nesterov: bool) -> np.ndarray:
-    # state = [x_n, E_{n-1}, ..., E_{n-order+1}, V_n] with E = h eps = z x and V = h v (h = step size)
-    x, past, v = state[0], list(state[1:order]), state[order]
-    history = (list(reversed(past)) + [z * x])
-    c = AB_COEFFICIENTS[order]
-    slope = sum(ci * e for ci, e in zip(c, reversed(history)))
-    v_new = (1 - beta) * v + beta * slope
-    step = (1 - beta) * v_new + beta * slope if nesterov else v_new
-    return np.array([x + step, *reversed(history[1:]), v_new] if order > 1 else [x + step, v_new], dtype=complex)
-
-
-def _ghvb_state_step(state: np.ndarray, z: complex, order: int, beta: float) -> np.ndarray:
-    # state = [x_n, V_n, V_{n-1}, ..., V_{n-order+1}] with V = h v
-    x, vs = state[0], list(state[1:])
-    v_new = (1 - beta) * vs[0] + beta * z * x
-    velocities = [v_new] + vs[: order - 1]
-    slope = sum(c * v for c, v in zip(ghvb_coefficients(order, beta), velocities))
-    return np.array([x + slope, *velocities], dtype=complex)
-
-
-def step_matrix(method: str, z: complex, order: int = 4, beta: float = 1.0, nesterov: bool = False) -> np.ndarray:
-    """The one-step map of ``method`` ("hb" on PLMS, or "ghvb") on the test equation, as a matrix in
-    ``z = h lam``, built by stepping each basis state. Warm-up steps do not affect the region."""
-    if method == "hb":
-        size = order + 1
-        step = lambda s: _hb_plms_state_step(s, z, order, beta, nesterov)  # noqa: E731
-    elif method == "ghvb":
-        size = order + 1
-        step = lambda s: _ghvb_state_step(s, z, order, beta)  # noqa: E731
-    else:
-        raise ValueError(f"unknown method {method!r}; expected 'hb' or 'ghvb'")
-    return np.stack([step(e) for e in np.eye(size, dtype=complex)], axis=1)
-
-
-def spectral_radius(method: str, z: complex, **kw) -> float:
-    return float(np.max(np.abs(np.linalg.eigvals(step_matrix(method, z, **kw)))))
-
-
-def real_stability_interval(method: str, lo: float = -10.0, tol: float = 1e-9, **kw) -> float:
-    """The left end ``z* < 0`` of the stable real interval ``[z*, 0]`` (bisection on the spectral radius)."""
-    a, b = lo, -1e-9  # spectral radius <= 1 at b, assumed > 1 at a
-    if spectral_radius(method, a, **kw) <= 1 + 1e-12:
-        raise ValueError(f"still stable at z = {lo}; lower `lo`")
-    while b - a > tol:
-        mid = 0.5 * (a + b)
-        a, b = (a, mid) if spectral_radius(method, mid, **kw) <= 1 + 1e-12 else (mid, b)
-    return b
-
-
-def plot_stability_regions(methods: dict[str, dict], path: str, re_range=(-4.0, 0.5), im_range=(-2.5, 2.5),
-                           resolution: int = 241) -> str:
-    """Contour plot (PNG) of ``{label: dict(method=..., order=..., beta=...)}`` stability regions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    re = np.linspace(*re_range, resolution)
-    im = np.linspace(*im_range, resolution)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for k, (label, spec) in enumerate(methods.items()):
-        spec = dict(spec)
-        method = spec.pop("method")
-        rho = np.array([[spectral_radius(method, complex(r, i), **spec) for r in re] for i in im])
-        ax.contour(re, im, rho, levels=[1.0], colors=[f"C{k}"])
-        ax.plot([], [], color=f"C{k}", label=label)  # contour sets carry no legend entry
-    ax.axhline(0, color="0.7", lw=0.5)
-    ax.axvline(0, color="0.7", lw=0.5)
-    ax.set_xlabel("Re(h lambda)")
-    ax.set_ylabel("Im(h lambda)")
-    ax.set_title("Stability regions on d x/d sigma = lambda x (inside the curves)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

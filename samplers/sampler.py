@@ -7,64 +7,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .denoisers import Denoiser, Prediction
+from .registry import make_solver
 from .schedules import DiscreteVPSchedule, Schedule
-from .solvers import DDIM, DDPM, PNDM, DPMSolverPP, Euler, Heun, NoiseFn, SDEDPMSolverPP, Solver
+from .solvers import NoiseFn, Solver
 from .timesteps import DiffusersSpacing, Grid, LogSNRUniform, Timesteps, check_steps, make_timesteps
 
-__all__ = ["Sampler", "SAMPLERS", "SamplerSpec", "make_solver", "default_timesteps", "run_solver", "randn_noise"]
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A registered sampler: its solver factory, options fixed by the name, overridable defaults,
-    and a one-line description."""
-
-    factory: Callable[..., Solver]
-    fixed: dict
-    summary: str
-    defaults: dict = field(default_factory=dict)
-
-    def make(self, **options) -> Solver:
-        clash = set(options) & set(self.fixed)
-        if clash:
-            raise ValueError(f"options {sorted(clash)} are fixed by this sampler's name")
-        return self.factory(**{**self.defaults, **options}, **self.fixed)
-
-
-#: Name -> spec. ``fewstep samplers`` lists this table.
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(DDIM, {}, "DDIM (Song et al. 2021); eta=0 deterministic, eta>0 stochastic"),
-    "ddpm": SamplerSpec(DDPM, {}, "DDPM ancestral sampling (Ho et al. 2020); variance='small'|'large'"),
-    "dpmpp_2m": SamplerSpec(DPMSolverPP, {"order": 2}, "DPM-Solver++(2M) (Lu et al. 2022b), second order"),
-    "dpmpp_3m": SamplerSpec(DPMSolverPP, {"order": 3}, "DPM-Solver++(3M), third order"),
-    "sde_dpmpp_2m": SamplerSpec(SDEDPMSolverPP, {"order": 2}, "SDE-DPM-Solver++(2M), stochastic"),
-    "pndm": SamplerSpec(PNDM, {}, "PNDM / F-PNDM (Liu et al. 2022): RK warm-up, then AB4", {"warmup": "prk"}),
-    "plms": SamplerSpec(PNDM, {}, "PLMS: improved-Euler warm-up, then AB2..AB4 (diffusers skip_prk_steps)",
-                        {"warmup": "heun"}),
-    "euler": SamplerSpec(Euler, {}, "Euler on the PF ODE in sigma_bar (Karras et al. 2022)"),
-    "heun": SamplerSpec(Heun, {}, "Heun's 2nd-order method (Karras et al. 2022, Algorithm 1)"),
-}
-
-
-def make_solver(name: str | Solver, **options) -> Solver:
-    """A solver by registry name (``SAMPLERS``) with its options; a ``Solver`` passes through."""
-    if isinstance(name, Solver):
-        if options:
-            raise ValueError("options are only accepted with a sampler name, not a Solver instance")
-        return name
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
-    try:
-        return SAMPLERS[name].make(**options)
-    except TypeError as err:  # an option the solver does not take
-        raise ValueError(f"bad option for sampler {name!r}: {err}") from None
+__all__ = ["Sampler", "default_timesteps", "run_solver", "randn_noise", "sigma_bar_at"]
 
 
 def default_timesteps(schedule: Schedule) -> Timesteps:
@@ -81,16 +35,36 @@ def randn_noise(generator: torch.Generator | None = None) -> NoiseFn:
     return noise
 
 
+def sigma_bar_at(grid: Grid, t: float) -> float:
+    """``sigma / alpha`` at time ``t``: k-diffusion's VE noise level ``sigma``. A grid point's own value
+    where ``t`` is one (bit-equal to ``grid.sigma_bar``), else the grid's schedule at ``t`` (PNDM's
+    midpoints)."""
+    hits = (grid.t == t).nonzero()
+    if len(hits):
+        return grid.sigma_bar[hits[0, 0]].item()
+    tt = torch.tensor(t, dtype=torch.float64)
+    return (grid.schedule.sigma(tt) / grid.schedule.alpha(tt)).item()
+
+
 def run_solver(solver: Solver, grid: Grid, denoiser: Callable[[Tensor, Any], Prediction], x: Tensor,
                noise: NoiseFn, callback: Callable[[dict], None] | None = None, progress=None) -> Tensor:
-    """Drive ``solver`` over ``grid`` from ``x``, calling ``denoiser(x, t)`` once per planned time."""
+    """Drive ``solver`` over ``grid`` from ``x``, calling ``denoiser(x, t)`` once per planned time.
+
+    ``callback`` gets, after every model call, k-diffusion's payload ``{"x", "i", "sigma", "sigma_hat",
+    "denoised"}`` plus ours, ``"t"`` and ``"eps"``: ``i`` counts model calls, ``sigma`` is the VE noise
+    level ``sigma_t / alpha_t`` of ``x`` at ``t`` (``sigma_bar_at``; for VP schedules the ``sigma`` that
+    k-diffusion's wrappers see), ``sigma_hat = sigma`` (no solver here raises the noise level, k-diffusion's
+    churn), ``denoised`` and ``eps`` the prediction at ``(x, t)``.
+    """
     run = solver.steps(grid, noise)
     _, t = next(run)
     k = 0
     while t is not None:
         pred = denoiser(x, t)
         if callback is not None:
-            callback({"i": k, "t": t, "x": x, "denoised": pred.x0, "eps": pred.eps})
+            sigma = sigma_bar_at(grid, t)
+            callback({"x": x, "i": k, "sigma": sigma, "sigma_hat": sigma, "denoised": pred.x0, "t": t,
+                      "eps": pred.eps})
         x_next, t = run.send((x, pred))
         x, k = x_next, k + 1
         if progress is not None:
@@ -101,7 +75,8 @@ def run_solver(solver: Solver, grid: Grid, denoiser: Callable[[Tensor, Any], Pre
 class Sampler:
     """A solver over ``denoiser`` on a timestep grid of ``steps`` steps.
 
-    ``solver``: a registry name (``SAMPLERS``) or a ``Solver``; extra keyword options go to the
+    ``solver``: a registry name or alias (``registry.SAMPLERS``, ``registry.ALIASES``) or a ``Solver``;
+    extra keyword options go to the
     solver (e.g. ``eta=0.5``). ``timesteps``: a ``Timesteps`` or its name (default:
     ``default_timesteps``). ``final``: ``"zero"`` ends at clean data, ``"t_min"`` at the schedule's
     smallest time. ``nfe`` (model calls) is known before running.
@@ -144,7 +119,7 @@ class Sampler:
         ``x_T = sigma(t_0) z`` plus signal; for VP ``z`` itself is standard) to the endpoint.
 
         ``noise`` (or ``generator``) feeds stochastic solvers; ``callback`` gets k-diffusion's payload
-        ``{"i", "t", "x", "denoised", "eps"}``; ``progress`` shows a progress bar over model calls.
+        ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` plus ``"t"``, ``"eps"`` (see ``run_solver``); ``progress`` shows a progress bar over model calls.
         """
         if not torch.is_tensor(x_T) or x_T.ndim < 1:
             raise ValueError("x_T must be a batched tensor")

@@ -1,170 +1,51 @@
-"""Solver math: small pure update functions, and solvers as explicit step-by-step state machines.
-
-Update functions take the current sample ``x``, predictions and float64 noise-level scalars
-(``alpha``, ``sigma``, log-SNR ``lam``; primes are the next grid point) and return the next sample.
+"""Solvers as explicit step-by-step state machines over the pure updates of ``samplers.updates``.
 
 A solver is a generator over a ``Grid`` (see ``Solver.steps``): it yields the time at which it needs
 the model next, receives ``(x, Prediction)`` evaluated there, and yields the next sample to evaluate
 at, until it yields time ``None`` with the final sample. Its whole multistep state (history,
 stage) is local variables of that generator, as in k-diffusion's sampling loops. The same generator
 drives the native loop (``samplers.sampler.Sampler``) and the diffusers adapter's ``step``.
+
+The DPM-Solver family (``DPMSolverPP``, ``SDEDPMSolverPP``, ``DPMSolver``, ``SDEDPMSolver`` and
+heavy ball on DPM-Solver++) shares one loop, ``Multistep.steps``; each method is its ``update`` hook.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Generator, Optional
+from typing import Any, Callable, Generator, Optional
 
 import torch
 from torch import Tensor
 
 from .denoisers import Prediction
 from .timesteps import Grid
+from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_sigma_eta, ddim_step, ddpm_posterior, dpmpp_first_order,
+                      dpmpp_second_order, dpmpp_third_order, dpmsolver_first_order, dpmsolver_second_order,
+                      sde_dpmpp_first_order, sde_dpmpp_second_order, sde_dpmsolver_first_order,
+                      sde_dpmsolver_second_order, sigma_bar_transfer)
 
 __all__ = [
     "Solver",
+    "Multistep",
     "DDIM",
     "DDPM",
     "DPMSolverPP",
     "SDEDPMSolverPP",
+    "DPMSolver",
+    "SDEDPMSolver",
     "PNDM",
     "Euler",
     "Heun",
     "NoiseFn",
-    "ddim_step",
-    "ddpm_posterior",
-    "sigma_bar_transfer",
-    "dpmpp_first_order",
-    "dpmpp_second_order",
-    "dpmpp_third_order",
-    "sde_dpmpp_first_order",
-    "sde_dpmpp_second_order",
-    "adams_bashforth",
-    "AB_COEFFICIENTS",
 ]
 
 #: ``noise(like) -> standard normal tensor shaped like ``like``; injectable so SDE runs reproduce.
 NoiseFn = Callable[[Tensor], Tensor]
 #: A solver run: yields ``(x_to_evaluate, t)`` and is sent ``(x, prediction at (x, t))``.
 SolverRun = Generator[tuple[Optional[Tensor], Optional[float]], tuple[Tensor, Prediction], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Update functions (pure)
-
-
-def ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, sigma_eta: float = 0.0,
-              noise: Tensor | None = None) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12): ``x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z``."""
-    x = alpha_next * x0 + math.sqrt(max(sigma_next**2 - sigma_eta**2, 0.0)) * eps
-    return x if sigma_eta == 0.0 else x + sigma_eta * noise
-
-
-def ddim_sigma_eta(eta: float, sigma_next: float, h: float) -> float:
-    """DDIM's stochasticity ``sigma_eta`` (eq. 16) in log-SNR form: ``eta sigma' sqrt(1 - e^{-2h})``.
-
-    Equals ``eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')`` for VP schedules with ``a = alpha^2``.
-    """
-    return eta * sigma_next * math.sqrt(-math.expm1(-2.0 * h)) if eta else 0.0
-
-
-def ddpm_posterior(x: Tensor, x0: Tensor, alpha: float, sigma: float, alpha_next: float,
-                   sigma_next: float) -> tuple[Tensor, float]:
-    """Mean and variance of ``q(x_s | x_t, x0)`` for a Gaussian path (Ho et al. 2020, eq. 7;
-    Kingma et al. 2021, eq. 29), with ``t`` the current and ``s`` the next, less noisy point."""
-    a_ts = alpha / alpha_next
-    var_ts = sigma**2 - a_ts**2 * sigma_next**2
-    mean = (a_ts * sigma_next**2 / sigma**2) * x + (alpha_next * var_ts / sigma**2) * x0
-    return mean, var_ts * sigma_next**2 / sigma**2
-
-
-def sigma_bar_transfer(x: Tensor, direction: Tensor, alpha: float, sigma: float, alpha_next: float,
-                       sigma_next: float) -> Tensor:
-    """One Euler step of the PF ODE ``d(x/alpha) / d sigma_bar = eps`` with slope ``direction``.
-
-    ``x' = alpha' (x / alpha + (sigma_bar' - sigma_bar) direction)``; with ``direction = eps`` this
-    is DDIM (eta = 0), and it is PNDM's transfer function (Liu et al. 2022, eq. 11).
-    """
-    return alpha_next * (x / alpha + (sigma_next / alpha_next - sigma / alpha) * direction)
-
-
-def dpmpp_first_order(x: Tensor, x0: Tensor, sigma: float, alpha_next: float, sigma_next: float,
-                      h: float) -> Tensor:
-    """DPM-Solver++ 1 (Lu et al. 2022b, eq. 9 with k = 1): ``x' = (s'/s) x - a' (e^{-h} - 1) x0``."""
-    return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * x0
-
-
-def dpmpp_second_order(x: Tensor, m0: Tensor, m1: Tensor, sigma: float, alpha_next: float,
-                       sigma_next: float, h: float, h_prev: float, solver_type: str = "midpoint") -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), ``m0``/``m1`` the newest / previous ``x0``.
-
-    ``midpoint``: ``D = m0 + (m0 - m1) / (2 r)``; ``heun``: the Taylor variant of diffusers.
-    """
-    r = h_prev / h
-    d1 = (m0 - m1) / r
-    phi = math.expm1(-h)
-    x_next = (sigma_next / sigma) * x - alpha_next * phi * m0
-    if solver_type == "midpoint":
-        return x_next - 0.5 * alpha_next * phi * d1
-    return x_next + alpha_next * (phi / h + 1.0) * d1
-
-
-def dpmpp_third_order(x: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, sigma: float, alpha_next: float,
-                      sigma_next: float, h: float, h_prev: float, h_prev2: float,
-                      d2_weight: float = 2.0) -> Tensor:
-    """DPM-Solver++(3M) (Lu et al. 2022b, eq. 8 truncated after the second derivative).
-
-    With ``r0 = h_prev / h``, ``r1 = h_prev2 / h``, the divided differences give ``D1 ~ h x0'`` and
-    ``D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2``. The exact integral's second-order term is
-    ``alpha' (h^2/2 - h + 1 - e^{-h}) x0''``, i.e. ``2 alpha' (1/2 - (h - 1 + e^{-h}) / h^2) D2``:
-    ``d2_weight = 2``. The reference code (DPM-Solver, diffusers, k-diffusion) uses weight 1, which
-    leaves an O(h^3) local error: second order, measured in tests/test_solvers.py.
-    """
-    r0, r1 = h_prev / h, h_prev2 / h
-    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi = math.expm1(-h)
-    return ((sigma_next / sigma) * x - alpha_next * phi * m0 + alpha_next * (phi / h + 1.0) * d1
-            - d2_weight * alpha_next * ((phi + h) / h**2 - 0.5) * d2)
-
-
-def sde_dpmpp_first_order(x: Tensor, x0: Tensor, sigma: float, alpha_next: float, sigma_next: float,
-                          h: float, noise: Tensor) -> Tensor:
-    """SDE-DPM-Solver++ 1 (Lu et al. 2022b, sec. 5): exact for the linear part of the reverse SDE."""
-    decay = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-    return (sigma_next / sigma * math.exp(-h)) * x + alpha_next * decay * x0 + sigma_next * math.sqrt(decay) * noise
-
-
-def sde_dpmpp_second_order(x: Tensor, m0: Tensor, m1: Tensor, sigma: float, alpha_next: float,
-                           sigma_next: float, h: float, h_prev: float, noise: Tensor,
-                           solver_type: str = "midpoint") -> Tensor:
-    """SDE-DPM-Solver++(2M) with diffusers' ``midpoint`` / ``heun`` second-order term."""
-    decay = -math.expm1(-2.0 * h)
-    d1 = (m0 - m1) / (h_prev / h)
-    x_next = (sigma_next / sigma * math.exp(-h)) * x + alpha_next * decay * m0 + sigma_next * math.sqrt(decay) * noise
-    if solver_type == "midpoint":
-        return x_next + 0.5 * alpha_next * decay * d1
-    return x_next + alpha_next * (decay / (-2.0 * h) + 1.0) * d1
-
-
-#: Fixed-step Adams-Bashforth coefficients, newest first (PNDM eq. 12; Hairer et al. III.1).
-AB_COEFFICIENTS = {
-    1: (1.0,),
-    2: (3 / 2, -1 / 2),
-    3: (23 / 12, -16 / 12, 5 / 12),
-    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-    5: (1901 / 720, -2774 / 720, 2616 / 720, -1274 / 720, 251 / 720),
-}
-
-
-def adams_bashforth(history: list[Tensor]) -> Tensor:
-    """Fixed-step AB combination of ``history`` (oldest first) at order ``len(history)``."""
-    coeffs = AB_COEFFICIENTS[len(history)]
-    out = coeffs[0] * history[-1]
-    for c, e in zip(coeffs[1:], reversed(history[:-1])):
-        out = out + c * e
-    return out
+#: ``(alpha, sigma, alpha_next, sigma_next)`` of one step, as the updates take them.
+Ends = tuple[float, float, float, float]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +155,49 @@ def _multistep_order(i: int, n: int, order: int, lower_order_final: bool, to_dat
     return order
 
 
-class DPMSolverPP(Solver):
+class Multistep(Solver):
+    """The exponential-integrator multistep loop shared by the DPM-Solver family.
+
+    Per step it keeps the last three predictions of kind ``prediction`` (``"x0"`` or ``"eps"``) and
+    log-SNR steps ``hs`` (newest last), picks the order by ``_multistep_order``, passes zero-length
+    steps through, and takes the step with the hook ``update(x, history, hs, ends, order, noise,
+    state) -> (x_next, state)``; ``state`` (None at the start) is the method's own carried state,
+    e.g. heavy ball's velocity. Subclasses set ``order``, ``lower_order_final`` and ``prediction``.
+    """
+
+    prediction = "x0"
+
+    def steps(self, grid, noise):
+        t, alpha, sigma, lam = _scalars(grid)
+        n, x_next, history, hs, state = grid.n_steps, None, [], [], None
+        for i in range(n):
+            x, pred = yield x_next, t[i]
+            hs = (hs + [lam[i + 1] - lam[i]])[-3:]
+            history = (history + [getattr(pred, self.prediction)])[-3:]
+            if hs[-1] == 0:  # zero-length final step (diffusers' leading grids can end on t_min)
+                x_next = x
+                continue
+            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
+            ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+            x_next, state = self.update(x, history, hs, ends, order, noise, state)
+        yield x_next, None
+
+    def update(self, x: Tensor, history: list[Tensor], hs: list[float], ends: Ends, order: int, noise: NoiseFn,
+               state: Any) -> tuple[Tensor, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _dpm_options(solver: Multistep, label: str, orders: tuple, order, solver_type, lower_order_final) -> None:
+    """Validate and set the options every DPM-Solver variant takes."""
+    if order not in orders:
+        allowed = ", ".join(map(str, orders[:-1])) + f" or {orders[-1]}"
+        raise ValueError(f"{label} order must be {allowed}, got {order!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
+    solver.order, solver.solver_type, solver.lower_order_final = int(order), solver_type, bool(lower_order_final)
+
+
+class DPMSolverPP(Multistep):
     """DPM-Solver++ multistep (Lu et al. 2022b) with data prediction: ``order`` 1, 2 (2M) or 3 (3M).
 
     ``solver_type``: ``"midpoint"`` (the paper's 2M, diffusers' default) or ``"heun"`` (Taylor).
@@ -282,74 +205,73 @@ class DPMSolverPP(Solver):
     always first order (the higher-order terms are undefined at ``h = inf``).
     ``third_order``: ``"taylor"`` (3M as the Taylor expansion requires, third order) or
     ``"reference"`` (the reference code's half-weight second difference, second order; matches
-    diffusers' ``solver_order=3``). See ``dpmpp_third_order``.
+    diffusers' ``solver_order=3``). See ``updates.dpmpp_third_order``.
     """
 
     name = "dpmpp"
 
     def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True,
                  third_order: str = "taylor"):
-        if order not in (1, 2, 3):
-            raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}")
-        if solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
+        _dpm_options(self, "DPM-Solver++", (1, 2, 3), order, solver_type, lower_order_final)
         if third_order not in ("taylor", "reference"):
             raise ValueError(f"unknown third_order {third_order!r}; expected 'taylor' or 'reference'")
-        self.order, self.solver_type, self.lower_order_final = int(order), solver_type, bool(lower_order_final)
         self.third_order = third_order
 
-    def steps(self, grid, noise):
-        t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, m, hs, to_data = grid.n_steps, None, [], [], grid.ends_at_data
-        for i in range(n):
-            x, pred = yield x_next, t[i]
-            h = lam[i + 1] - lam[i]
-            m, hs = (m + [pred.x0])[-3:], (hs + [h])[-3:]
-            if h == 0:  # zero-length final step (diffusers' leading grids can end on t_min)
-                x_next = x
-                continue
-            order = _multistep_order(i, n, self.order, self.lower_order_final, to_data)
-            if order == 1:
-                x_next = dpmpp_first_order(x, m[-1], sigma[i], alpha[i + 1], sigma[i + 1], h)
-            elif order == 2:
-                x_next = dpmpp_second_order(x, m[-1], m[-2], sigma[i], alpha[i + 1], sigma[i + 1], h, hs[-2],
-                                            self.solver_type)
-            else:
-                x_next = dpmpp_third_order(x, m[-1], m[-2], m[-3], sigma[i], alpha[i + 1], sigma[i + 1], h,
-                                           hs[-2], hs[-3], 2.0 if self.third_order == "taylor" else 1.0)
-        yield x_next, None
+    def update(self, x, m, hs, ends, order, noise, state):
+        if order == 1:
+            return dpmpp_first_order(x, m[-1], *ends, hs[-1]), state
+        if order == 2:
+            return dpmpp_second_order(x, m[-1], m[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+        d2_weight = 2.0 if self.third_order == "taylor" else 1.0
+        return dpmpp_third_order(x, m[-1], m[-2], m[-3], *ends, hs[-1], hs[-2], hs[-3], d2_weight), state
 
 
-class SDEDPMSolverPP(Solver):
+class SDEDPMSolverPP(Multistep):
     """SDE-DPM-Solver++ (Lu et al. 2022b, sec. 5; diffusers' ``sde-dpmsolver++``), order 1 or 2."""
 
     name = "sde_dpmpp"
     stochastic = True
 
     def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True):
-        if order not in (1, 2):
-            raise ValueError(f"SDE-DPM-Solver++ order must be 1 or 2, got {order!r}")
-        if solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
-        self.order, self.solver_type, self.lower_order_final = int(order), solver_type, bool(lower_order_final)
+        _dpm_options(self, "SDE-DPM-Solver++", (1, 2), order, solver_type, lower_order_final)
 
-    def steps(self, grid, noise):
-        t, alpha, sigma, lam = _scalars(grid)
-        n, x_next, m, h_prev, to_data = grid.n_steps, None, [], None, grid.ends_at_data
-        for i in range(n):
-            x, pred = yield x_next, t[i]
-            h = lam[i + 1] - lam[i]
-            m = (m + [pred.x0])[-2:]
-            order = _multistep_order(i, n, self.order, self.lower_order_final, to_data)
-            if h == 0:
-                x_next = x
-            elif order == 1:
-                x_next = sde_dpmpp_first_order(x, m[-1], sigma[i], alpha[i + 1], sigma[i + 1], h, noise(x))
-            else:
-                x_next = sde_dpmpp_second_order(x, m[-1], m[-2], sigma[i], alpha[i + 1], sigma[i + 1], h, h_prev,
-                                                noise(x), self.solver_type)
-            h_prev = h
-        yield x_next, None
+    def update(self, x, m, hs, ends, order, noise, state):
+        if order == 1:
+            return sde_dpmpp_first_order(x, m[-1], *ends, hs[-1], noise(x)), state
+        return sde_dpmpp_second_order(x, m[-1], m[-2], *ends, hs[-1], hs[-2], noise(x), self.solver_type), state
+
+
+class DPMSolver(Multistep):
+    """DPM-Solver multistep with noise prediction (Lu et al. 2022a; MRS with ``parameterization="noise"``),
+    order 1 or 2. Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
+
+    name = "dpmsolver"
+    label = "DPM-Solver (noise prediction)"
+    prediction = "eps"
+
+    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False):
+        _dpm_options(self, self.label, (1, 2), order, solver_type, lower_order_final)
+
+    def update(self, x, e, hs, ends, order, noise, state):
+        if order == 1:
+            return dpmsolver_first_order(x, e[-1], *ends, hs[-1]), state
+        return dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+
+
+class SDEDPMSolver(DPMSolver):
+    """SDE-DPM-Solver with noise prediction (Lu et al. 2022b, sec. 5), order 1 or 2. The step to clean
+    data (where the noise term has no finite limit) is the deterministic first-order step ``x' = a' x0``."""
+
+    name = "sde_dpmsolver"
+    label = "SDE-DPM-Solver (noise prediction)"
+    stochastic = True
+
+    def update(self, x, e, hs, ends, order, noise, state):
+        if ends[3] == 0:
+            return dpmsolver_first_order(x, e[-1], *ends, hs[-1]), state
+        if order == 1:
+            return sde_dpmsolver_first_order(x, e[-1], *ends, hs[-1], noise(x)), state
+        return sde_dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], noise(x), self.solver_type), state
 
 
 class PNDM(Solver):
@@ -427,30 +349,24 @@ class Euler(Solver):
     """
 
     name = "euler"
+    corrector = False
 
     def steps(self, grid, noise):
         t, alpha, sigma, _ = _scalars(grid)
         x_next = None
         for i in range(grid.n_steps):
             x, pred = yield x_next, t[i]
-            x_next = sigma_bar_transfer(x, pred.eps, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+            ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+            x_next = sigma_bar_transfer(x, pred.eps, *ends)
+            if self.corrector and ends[3] > 0:  # Heun: evaluate at the Euler point, redo with the mean slope
+                _, pred2 = yield x_next, t[i + 1]
+                x_next = sigma_bar_transfer(x, 0.5 * (pred.eps + pred2.eps), *ends)
         yield x_next, None
 
 
-class Heun(Solver):
+class Heun(Euler):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1): Euler predictor, trapezoidal
     corrector; the step to clean data is Euler. NFE = 2 steps - 1 to data, 2 steps otherwise."""
 
     name = "heun"
-
-    def steps(self, grid, noise):
-        t, alpha, sigma, _ = _scalars(grid)
-        x_next = None
-        for i in range(grid.n_steps):
-            x, pred = yield x_next, t[i]
-            a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
-            x_next = sigma_bar_transfer(x, pred.eps, a, s, a1, s1)
-            if s1 > 0:
-                _, pred2 = yield x_next, t[i + 1]
-                x_next = sigma_bar_transfer(x, 0.5 * (pred.eps + pred2.eps), a, s, a1, s1)
-        yield x_next, None
+    corrector = True

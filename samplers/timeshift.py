@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import Denoiser, Prediction, broadcast_like
-from .sampler import make_solver
+from .registry import make_solver
 from .schedules import DiscreteVPSchedule, Schedule
 from .solvers import Solver
 from .timesteps import Grid

@@ -1,4 +1,4 @@
-"""The ``fewstep`` command and its main job, ``fewstep demo`` (samplers.demo)."""
+"""The ``fewstep`` command and its main job, ``fewstep demo`` (fewstep.demo)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fewstep import cli
-from fewstep.samplers.demo import format_tables, run_demo
-from fewstep.samplers.sampler import SAMPLERS
+from fewstep.demo import format_tables, run_demo
+from fewstep.samplers.registry import SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]
 

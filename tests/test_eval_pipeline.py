@@ -93,7 +93,7 @@ def test_sampler_source_images_depend_on_their_seed_only():
 def test_the_same_seeds_give_the_same_initial_noise_to_every_nfe():
     from fewstep.samplers.sampler import Sampler
     from fewstep.samplers.schedules import DiscreteVPSchedule
-    from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+    from fewstep.testbed import ExactDenoiser, GaussianMixture
 
     denoiser = ExactDenoiser(GaussianMixture.gaussian(12, 0.0, 0.5), DiscreteVPSchedule.from_diffusers_config({}))
     starts = []

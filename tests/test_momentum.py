@@ -1,15 +1,26 @@
 """Heavy-ball momentum (HB, GHVB): reduction to the base methods at beta = 1, measured orders, stability
 regions, diffusers schedulers, bad input."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from fewstep.samplers import (GHVB, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, HeavyBall, ModelDenoiser, Sampler,
                       TimeUniform, momentum_number)
-from fewstep.samplers.convergence import endpoint_error, measured_order
-from fewstep.samplers.momentum import ghvb_coefficients, plot_stability_regions, real_stability_interval
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.testbed.convergence import endpoint_error, measured_order
+from fewstep.samplers.momentum import ghvb_coefficients
+from fewstep.testbed.stability import real_stability_interval
+
+# The plot lives with the benchmark that draws it (benchmarks/ is scripts, not a package).
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "stability_regions.py"
+_spec = importlib.util.spec_from_file_location("stability_regions", _BENCH)
+stability_regions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stability_regions)
+plot_stability_regions = stability_regions.plot_stability_regions
+from fewstep.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 EDM, VP = EDMSchedule(), ContinuousVPSchedule("linear")

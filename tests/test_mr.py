@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from fewstep.samplers import Sampler
-from fewstep.samplers.convergence import endpoint_error, measured_order
-from fewstep.samplers.mr import (DPMSolver, DPMSolverPP, MRDenoiser, MREulerMaruyama, MRLinspace, MRSampler,
-                         MRSchedule, SDEDPMSolver, dpmsolver_first_order, make_mr_solver, mr_sample,
-                         register_mr_samplers)
-from fewstep.samplers.sampler import SAMPLERS
+from fewstep.samplers.mr import MRDenoiser, MREulerMaruyama, MRLinspace, MRSampler, MRSchedule, make_mr_solver, mr_sample
+from fewstep.samplers.registry import MR_SAMPLER_SPECS, SAMPLERS
 from fewstep.samplers.schedules import ContinuousVPSchedule
-from fewstep.samplers.solvers import dpmpp_first_order, dpmpp_second_order, sde_dpmpp_first_order
-from fewstep.samplers.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, mr_marginal, w2_gaussian,
-                              w2_to_gaussian)
+from fewstep.samplers.solvers import DPMSolver, DPMSolverPP, SDEDPMSolver
+from fewstep.samplers.updates import dpmpp_first_order, dpmpp_second_order, dpmsolver_first_order, sde_dpmpp_first_order
+from fewstep.testbed import (ExactMRDenoiser, GaussianMixture, affine_output_law, mr_marginal, w2_gaussian,
+                             w2_to_gaussian)
+from fewstep.testbed.convergence import endpoint_error, measured_order
 
 F64 = torch.float64
 SIGMA_INF = 50 / 255
@@ -138,12 +137,12 @@ def test_mrs_x_space_updates_are_dpm_solver_updates_in_y():
     mu_term = mu * (1 - ratio + ratio * a - a1)
     # ODE-1, data
     mrs = ratio * x + a1 * (1 - math.exp(-h)) * q0 + mu_term
-    assert torch.allclose(dpmpp_first_order(x - mu, q0 - mu, s, a1, s1, h) + mu, mrs, atol=1e-12)
+    assert torch.allclose(dpmpp_first_order(x - mu, q0 - mu, a, s, a1, s1, h) + mu, mrs, atol=1e-12)
     # ODE-2, data ("taylor" = solver_type "heun")
     phi1 = math.expm1(-h)
     d1 = (q0 - q1) / (h0 / h)
     mrs2 = ratio * x - a1 * (phi1 * q0 - (phi1 / h + 1) * d1) + mu_term
-    ours = dpmpp_second_order(x - mu, q0 - mu, q1 - mu, s, a1, s1, h, h0, "heun") + mu
+    ours = dpmpp_second_order(x - mu, q0 - mu, q1 - mu, a, s, a1, s1, h, h0, "heun") + mu
     assert torch.allclose(ours, mrs2, atol=1e-12)
     # ODE-1, noise
     mrs_eps = (a1 / a) * x - s1 * math.expm1(h) * q0 + mu * (1 - a1 / a)
@@ -151,7 +150,7 @@ def test_mrs_x_space_updates_are_dpm_solver_updates_in_y():
     # SDE-1, data
     mrs_sde = (ratio * math.exp(-h) * x + a1 * (1 - math.exp(-2 * h)) * q0 + s1 * math.sqrt(1 - math.exp(-2 * h)) * z
                + mu * (1 - (a1 / a) * math.exp(-2 * h) - a1 * (1 - math.exp(-2 * h))))
-    assert torch.allclose(sde_dpmpp_first_order(x - mu, q0 - mu, s, a1, s1, h, z) + mu, mrs_sde, atol=1e-12)
+    assert torch.allclose(sde_dpmpp_first_order(x - mu, q0 - mu, a, s, a1, s1, h, z) + mu, mrs_sde, atol=1e-12)
 
 
 def _network(prediction_type):
@@ -202,8 +201,8 @@ def test_restoration_api_returns_x_and_matches_the_y_space_sampler():
     assert smp.nfe == 10
     assert torch.allclose(x, y + mu, atol=1e-9)
 
-    # the package registers these names; registering again is idempotent
-    registry = register_mr_samplers(dict(SAMPLERS))
+    # the registry lists these names; its MR part adds nothing new to it
+    registry = {**SAMPLERS, **MR_SAMPLER_SPECS}
     assert {"mrs_data", "mrs_noise", "mrs_sde_data", "mrs_sde_noise"} <= set(SAMPLERS) == set(registry)
     assert repr(registry["mrs_data"].make()) == repr(smp.solver)
     assert repr(registry["mrs_noise"].make()) == repr(make_mr_solver("ode", "noise"))

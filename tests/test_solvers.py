@@ -1,14 +1,16 @@
 """Solver claims on the exact Gaussian testbed: convergence order, equivalences, NFE accounting."""
 
 
+import math
+
 import pytest
 import torch
 
 from fewstep.samplers import (SAMPLERS, ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                       Sampler, TimeUniform)
-from fewstep.samplers import convergence
-from fewstep.samplers.convergence import measured_order
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture
+from fewstep.testbed import convergence
+from fewstep.testbed.convergence import measured_order
+from fewstep.testbed import ExactDenoiser, GaussianMixture
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP = ContinuousVPSchedule("linear")
@@ -106,7 +108,7 @@ def test_dpmpp_2m_lower_order_final_only_changes_the_last_steps():
 
 
 def test_stochastic_samples_converge_to_the_data_distribution():
-    from fewstep.samplers.testbed import w2_to_gaussian
+    from fewstep.testbed import w2_to_gaussian
 
     den = ExactDenoiser(GAUSS, DiscreteVPSchedule.from_diffusers_config({}))
     cov = torch.diag(GAUSS.variances[0])
@@ -169,7 +171,7 @@ def test_callback_and_progress():
     sampler = Sampler(den, "dpmpp_2m", steps=4)
     sampler.sample(x_start(4), callback=seen.append, progress=True)
     assert [p["i"] for p in seen] == [0, 1, 2, 3]
-    assert set(seen[0]) == {"i", "t", "x", "denoised", "eps"}
+    assert set(seen[0]) == {"i", "t", "x", "denoised", "eps", "sigma", "sigma_hat"}
 
 
 def test_half_precision_input_is_solved_in_float32():
@@ -213,3 +215,90 @@ def test_sample_rejects_unbatched_input():
 def test_exact_denoiser_rejects_wrong_dimension():
     with pytest.raises(ValueError):
         Sampler(ExactDenoiser(GAUSS, VP), "ddim", steps=2).sample(torch.zeros(3, 5))
+
+
+# -- k-diffusion's vocabulary: callback payload and sampler names ---------------------------------
+
+
+@pytest.mark.parametrize("schedule,name", [(VP, "ddim"), (VP, "heun"), (EDM, "dpmpp_2m"), (EDM, "pndm")])
+def test_callback_payload_has_k_diffusion_keys_with_ve_sigmas(schedule, name):
+    """k-diffusion's ``{"x", "i", "sigma", "sigma_hat", "denoised"}``: sigma = sigma_t / alpha_t at the
+    evaluated time (Heun's second call and PNDM's midpoints included), sigma_hat = sigma (no churn)."""
+    den = ExactDenoiser(GAUSS, schedule)
+    sampler = Sampler(den, name, steps=3)
+    seen = []
+    sampler.sample(x_start(8), callback=seen.append)
+    assert [p["i"] for p in seen] == list(range(sampler.nfe))
+    assert [p["t"] for p in seen] == sampler.plan
+    for p in seen:
+        assert {"x", "i", "sigma", "sigma_hat", "denoised", "t", "eps"} <= set(p)
+        t = torch.tensor(p["t"], dtype=torch.float64)
+        assert p["sigma"] == pytest.approx((schedule.sigma(t) / schedule.alpha(t)).item(), rel=1e-12)
+        assert p["sigma_hat"] == p["sigma"]
+        assert torch.equal(p["denoised"], den(p["x"], p["t"]).x0)
+    on_grid = [p for p in seen if p["t"] in sampler.grid.t.tolist()]
+    assert all(p["sigma"] == sampler.grid.sigma_bar[sampler.grid.t.tolist().index(p["t"])].item() for p in on_grid)
+
+
+def _k_dpmpp_2m_sde(denoise, x, sigmas, noise):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` (eta = 1, s_noise = 1, midpoint) in VE ``(x, sigma)``."""
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        s, s1 = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s)
+        if s1 == 0:
+            x = d
+        else:
+            h = math.log(s) - math.log(s1)
+            x = s1 / s * math.exp(-h) * x + (-math.expm1(-2 * h)) * d
+            if old is not None:
+                x = x + 0.5 * (-math.expm1(-2 * h)) * (h / h_last) * (d - old)
+            x = x + noise(x) * s1 * math.sqrt(-math.expm1(-2 * h))
+            h_last = h
+        old = d
+    return x
+
+
+def _k_euler_ancestral(denoise, x, sigmas, noise):
+    """k-diffusion's ``sample_euler_ancestral`` (eta = 1, s_noise = 1) in VE ``(x, sigma)``."""
+    for i in range(len(sigmas) - 1):
+        s, s1 = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s)
+        up = min(s1, math.sqrt(s1**2 * (s**2 - s1**2) / s**2))
+        down = math.sqrt(s1**2 - up**2)
+        x = x + (x - d) / s * (down - s)
+        if s1 > 0:
+            x = x + noise(x) * up
+    return x
+
+
+@pytest.mark.parametrize("alias,target,options,reference", [
+    ("dpmpp_2m_sde", "sde_dpmpp_2m", {"solver_type": "heun"}, _k_dpmpp_2m_sde),
+    ("euler_ancestral", "ddpm", {"variance": "large"}, _k_euler_ancestral),
+])
+def test_k_diffusion_alias_builds_its_target_and_is_k_diffusions_method(alias, target, options, reference):
+    from fewstep.samplers import ALIASES, make_solver
+
+    assert ALIASES[alias] == target
+    assert repr(make_solver(alias)) == repr(make_solver(target))
+    assert repr(make_solver(alias, **options)) == repr(make_solver(target, **options))
+    den = ExactDenoiser(GAUSS, EDM)
+    ours = Sampler(den, alias, steps=6, timesteps="karras")
+    assert repr(ours.solver) == repr(Sampler(den, target, steps=6, timesteps="karras").solver)
+    assert Sampler.for_nfe(den, alias, 6).nfe == 6
+    x_T = x_start(8) * EDM.t_max
+    draws = [torch.randn(x_T.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(6)]
+
+    def replay():
+        it = iter(draws)
+        return lambda like: next(it)
+
+    out = ours.sample(x_T, noise=replay())
+    sigmas = ours.grid.sigma_bar.tolist()
+    expected = reference(lambda x, s: den(x, float(s)).x0, x_T, sigmas, replay())
+    assert torch.allclose(out, expected, rtol=0, atol=1e-10)
+
+
+def test_unknown_sampler_names_list_the_aliases():
+    with pytest.raises(ValueError, match="aliases"):
+        Sampler(ExactDenoiser(GAUSS, VP), "dpmpp_9m", steps=3)

@@ -12,7 +12,7 @@ from scipy import stats
 from fewstep.samplers.denoisers import CFGDenoiser, Denoiser, Prediction
 from fewstep.samplers.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
                                 Schedule)
-from fewstep.samplers.testbed import (ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution, mixture_pf_ode_solution,
+from fewstep.testbed import (ExactDenoiser, GaussianMixture, gaussian_pf_ode_solution, mixture_pf_ode_solution,
                               mmd_rbf, reference_pf_ode_solution, sample_moments, sliced_wasserstein, w2_gaussian,
                               w2_to_gaussian)
 

@@ -9,8 +9,8 @@ import torch
 
 from fewstep.samplers import DiffusersSpacing, DiscreteVPSchedule, ModelDenoiser, Sampler
 from fewstep.samplers.denoisers import Prediction, broadcast_like
-from fewstep.samplers.solvers import ddim_step
-from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture, sliced_wasserstein
+from fewstep.samplers.updates import ddim_step
+from fewstep.testbed import ExactDenoiser, GaussianMixture, sliced_wasserstein
 from fewstep.samplers.timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet, variance_matched_times
 
 SCHEDULE = DiscreteVPSchedule.from_diffusers_config({})

@@ -7,8 +7,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sampler import Sampler
-from .testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
+from fewstep.samplers.sampler import Sampler
+
+from .exact import ExactDenoiser
+from .mixture import GaussianMixture
+from .ode import mixture_pf_ode_solution
 
 __all__ = ["endpoint_error", "measured_order"]
 

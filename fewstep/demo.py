@@ -24,10 +24,11 @@ from typing import Sequence
 
 import torch
 
-from .sampler import SAMPLERS, Sampler
-from .schedules import DiscreteVPSchedule
-from .testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution, sliced_wasserstein
-from .timesteps import check_steps, make_timesteps
+from fewstep.samplers.registry import SAMPLERS
+from fewstep.samplers.sampler import Sampler
+from fewstep.samplers.schedules import DiscreteVPSchedule
+from fewstep.samplers.timesteps import check_steps, make_timesteps
+from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution, sliced_wasserstein
 
 __all__ = ["DemoRow", "DemoResult", "run_demo", "format_tables", "main"]
 
