@@ -56,7 +56,7 @@ def accuracy(net: FMNISTNet, images: Tensor, labels: Tensor, batch: int = 1000) 
 def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      root: str | None = None) -> tuple[FMNISTNet, float]:
     """Train on Fashion-MNIST's train split (random shifts as augmentation); returns (net, test accuracy)."""
-    from fewstep.distill.data import load_fashion_mnist, preprocess
+    from fewstep.data import load_fashion_mnist, preprocess
 
     torch.manual_seed(seed)
     train_x, train_y = load_fashion_mnist("train", root, labels=True)

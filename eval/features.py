@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .protocol import EDM_UINT8, Protocol, to_uint8
+from fewstep.io import to_uint8
+
+from .protocol import EDM_UINT8, Protocol
 
 __all__ = [
     "FeatureExtractor", "WeightsUnavailable", "register_extractor", "EXTRACTORS", "TinyExtractor",
