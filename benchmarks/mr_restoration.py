@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from fewstep.distill.data import load_images
+from fewstep.data import load_images
 from fewstep.distill.mr_train import degrade, load_mr_model
+from fewstep.io import save_grid
 from fewstep.samplers.mr import MRSampler
 from fewstep.teachers import MR_FMNIST
 
@@ -63,11 +64,9 @@ def main(argv=None):
             keep[(label, nfe)] = out
             print(f"| {label} | {sampler.nfe} | {psnr(out, clean):.2f} | {time.perf_counter() - start:.1f} |", flush=True)
     if args.grid:
-        import torchvision
-
         shown = [("MRS SDE-2, data", 5), ("MRS ODE-2, data", 10), ("Euler-Maruyama (IR-SDE)", 100)]
         rows = [clean[:8], mu[:8]] + [keep[key][:8] for key in shown]
-        torchvision.utils.save_image((torch.cat(rows).clamp(-1, 1) + 1) / 2, args.grid, nrow=8, padding=1)
+        save_grid(torch.cat(rows), args.grid, nrow=8)
         print(f"\n{args.grid}: rows clean, degraded, " + ", ".join(f"{label} ({nfe} NFE)" for label, nfe in shown))
 
 

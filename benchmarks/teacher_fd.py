@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from fewstep.distill.data import load_images
+from fewstep.data import load_images
 from fewstep.eval.classifier import DEFAULT_WEIGHTS
 from fewstep.eval.features import FeatureExtractor
 from fewstep.eval.stats import RunningStats, frechet_distance
+from fewstep.io import atomic_save
 from fewstep.samplers import ModelDenoiser, Sampler
 from fewstep.teachers import FMNIST
 
@@ -54,9 +55,7 @@ def teacher_samples(den, name: str, nfe: int, shape, seed: int, cache: Path | No
     with torch.no_grad():
         out = torch.cat([Sampler(den, name, steps=nfe).sample(x) for x in x_T.split(250)]).clamp(-1, 1)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        atomic_save(out, path)
     return out
 
 

@@ -9,9 +9,10 @@ import argparse
 
 import torch
 
+from fewstep.io import save_grid
 from fewstep.samplers import ModelDenoiser, Sampler
 
-__all__ = ["sample_grid", "save_grid", "main"]
+__all__ = ["sample_grid", "main"]
 
 
 @torch.no_grad()
@@ -26,13 +27,6 @@ def sample_grid(pipeline_path: str, sampler: str = "dpmpp_2m", steps: int = 20, 
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     return Sampler(denoiser, sampler, steps=steps, **options).sample(x_T, generator=torch.Generator().manual_seed(seed))
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> str:
-    import torchvision
-
-    torchvision.utils.save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
-    return path
 
 
 def main(argv=None):

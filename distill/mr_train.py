@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fewstep.samplers.mr import MRDenoiser, MRSchedule
 
-from .data import load_images
+from fewstep.data import load_images
 from .trainer import TrainConfig, Trainer, load_config
 
 __all__ = ["MR_TARGETS", "degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "main"]

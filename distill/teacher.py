@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .data import load_images
+from fewstep.data import load_images
 from .trainer import TrainConfig, Trainer, load_config
 
 __all__ = ["eps_loss", "build_teacher", "train_teacher", "main"]

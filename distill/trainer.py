@@ -21,7 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainConfig", "Trainer", "EMA", "load_config", "atomic_save", "run_recipe", "recipe_changes"]
+from fewstep.io import atomic_save
+
+__all__ = ["TrainConfig", "Trainer", "EMA", "load_config", "run_recipe", "recipe_changes"]
 
 
 @dataclass
@@ -69,15 +71,6 @@ def load_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return config
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: a killed run never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class EMA:

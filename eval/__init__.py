@@ -5,7 +5,7 @@ sums as EDM2):
 
 - ``protocol``: ``Protocol`` (extractor, layer, weights identity, resize, quantisation, N, seeds,
   reference), stored beside every result; ``ProtocolMismatch`` when results under different protocols
-  meet; ``to_uint8``, EDM's quantisation.
+  meet; ``to_uint8`` (from ``fewstep.io``), EDM's quantisation.
 - ``stats``: ``RunningStats`` (float64 streaming, mergeable, ``all_reduce_stats`` under
   ``torch.distributed``), ``frechet_distance`` (symmetric eigenvalue route), ``kernel_distance`` (KID) and
   ``precision_recall`` (torch-fidelity's estimators behind our checks).
@@ -27,11 +27,13 @@ if __name__ != "fewstep.eval":  # the checkout's folder imported as a top-level 
     raise ImportError(f"this folder is the package fewstep.eval; `import fewstep.eval` instead of "
                       f"`import {__name__}` (install it once with `pip install -e .` from the repository root)")
 
+from fewstep.io import to_uint8
+
 from .features import FeatureExtractor, WeightsUnavailable, register_extractor
 from . import classifier, effnet  # noqa: E402  register "fmnist-classifier", "efficientnet-lite0"
 from .harness import (DatasetSource, FeatureStats, FolderSource, SamplerSource, Score, TensorSource, compute_stats,
                       reference_stats, score)
-from .protocol import Protocol, ProtocolMismatch, to_uint8
+from .protocol import Protocol, ProtocolMismatch
 from .stats import RunningStats, all_reduce_stats, frechet_distance, kernel_distance, merge_all, precision_recall
 
 __all__ = [

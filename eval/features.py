@@ -10,7 +10,8 @@ Inception weights come from, in order: ``weights=``, the environment variable
 (where torch-fidelity's normal download puts it), then that download unless ``download=False``. When
 none works, ``WeightsUnavailable`` names the file and the URL to fetch.
 
-Our own extractors subclass torch-fidelity's ``FeatureExtractorBase`` and are registered with
+Our own extractors subclass ``ExtractorBase`` (torch-fidelity's ``FeatureExtractorBase`` with its static
+methods and the uint8 input check written once) and are registered with
 ``register_extractor`` (also into torch-fidelity's registry, so ``calculate_metrics`` can use them).
 ``fewstep-tiny`` is a small, fixed, download-free extractor for tests and offline demos.
 """
@@ -21,15 +22,19 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from .protocol import EDM_UINT8, Protocol, to_uint8
+from fewstep.io import to_uint8
+
+from .protocol import EDM_UINT8, Protocol
 
 __all__ = [
-    "FeatureExtractor", "WeightsUnavailable", "register_extractor", "EXTRACTORS", "TinyExtractor",
+    "FeatureExtractor", "WeightsUnavailable", "register_extractor", "EXTRACTORS", "ExtractorBase", "TinyExtractor",
     "inception_weights", "INCEPTION_URL", "INCEPTION_FILE", "WEIGHTS_ENV", "prepare_images",
 ]
 
@@ -58,7 +63,6 @@ def register_extractor(name: str, cls: type, resize: str) -> None:
     """Register our extractor ``cls`` (a ``torch_fidelity.FeatureExtractorBase`` whose ``__init__`` takes
     ``(name, features_list, **kwargs)``) under ``name``, here and in torch-fidelity's registry. Registering
     the same class twice is a no-op; another class under a taken name raises."""
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if not (isinstance(cls, type) and issubclass(cls, FeatureExtractorBase)):
@@ -211,19 +215,66 @@ class FeatureExtractor:
 
 
 # ---------------------------------------------------------------------------------------------
-# A small extractor of our own
+# Our extractors: one base class, and a small extractor
 
 
-def _tiny_base():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+class ExtractorBase(FeatureExtractorBase):
+    """torch-fidelity's interface for our extractors, written once: a subclass names its ``features``
+    (the first serves FID, KID and precision/recall; ``isc_feature`` serves IS), the side of its dummy
+    compile input (``input_size``) and its input ``channels`` (None: any), and implements ``extract``
+    (checked uint8 ``[B, C, H, W]`` in, ``{feature: [B, D]}`` out); ``load_net`` loads frozen weights."""
 
-    return FeatureExtractorBase
+    features: tuple[str, ...] = ()
+    isc_feature: str | None = None
+    input_size: int = 8
+    channels: int | None = 3
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return cls.features
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        default = cls.features[0]
+        return {"fid": default, "kid": default, "prc": default, "isc": cls.isc_feature or default}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @classmethod
+    def get_dummy_input_for_compile(cls):
+        return torch.zeros(1, 3, cls.input_size, cls.input_size, dtype=torch.uint8)
+
+    def load_net(self, make: Callable[[], nn.Module], path: Path, missing: str) -> None:
+        """``self.net = make()`` with the state dict in ``path``, frozen in eval mode; ``missing`` is the
+        ``FileNotFoundError``'s message when there is no such file."""
+        if not path.is_file():
+            raise FileNotFoundError(missing)
+        self.net = make()
+        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.net.eval().requires_grad_(False)
+
+    def extract(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, x):
+        channels = "C" if self.channels is None else self.channels
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4
+                and (self.channels is None or x.shape[1] == self.channels)):
+            raise ValueError(f"expected uint8 [B, {channels}, H, W], got {getattr(x, 'dtype', type(x))} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        out = self.extract(x)
+        return tuple(out[f] for f in self.features_list)
 
 
-class TinyExtractor(_tiny_base()):
+class TinyExtractor(ExtractorBase):
     """``fewstep-tiny``: 4x4 average-pooled pixels (48 numbers in [0, 1]) through a fixed random
     linear map (seed 0) and ``tanh``; features ``"16"`` (default) or ``"48"`` (the pooled pixels).
     No download, microseconds per image: for tests and offline demos, not for reported numbers."""
+
+    features = ("16", "48")
+    input_size = 8
 
     def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
@@ -231,36 +282,16 @@ class TinyExtractor(_tiny_base()):
         self.register_buffer("proj", torch.randn(48, 16, generator=g) * (3.0 / 48 ** 0.5))
         self.register_buffer("bias", torch.randn(16, generator=g) * 0.1)
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("16", "48")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "16", "kid": "16", "prc": "16", "isc": "16"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-    def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected uint8 [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
-                             f"{tuple(getattr(x, 'shape', ()))}")
+    def extract(self, x):
         pooled = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-        out = {"48": pooled, "16": torch.tanh((pooled - 0.5) @ self.proj + self.bias)}
-        return tuple(out[f] for f in self.features_list)
+        return {"48": pooled, "16": torch.tanh((pooled - 0.5) @ self.proj + self.bias)}
 
 
 register_extractor("fewstep-tiny", TinyExtractor, resize="adaptive-avg-4x4")
 
 
 # ---------------------------------------------------------------------------------------------
-# Plumbing helpers for tests and benchmarks that compare against torch-fidelity offline
+# torch-fidelity's own input, for comparing against its ``calculate_metrics`` on the same images
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -274,23 +305,3 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i]
-
-
-def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """The ``inception-v3-compat`` architecture with random weights, saved to ``path`` (no download).
-
-    PyTorch's default initialisation collapses its features to a constant, so the convolutions are
-    re-initialised He-normal: plumbing checks only, never reported numbers."""
-    from unittest import mock
-
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value=None), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    torch.save(net.state_dict(), path)
-    return Path(path)

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,16 +29,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.data import IMAGE_EXTENSIONS, image_files, read_image
+from fewstep.io import atomic_write_bytes
+
 from .features import FeatureExtractor
 from .protocol import Protocol
 from .stats import RunningStats, all_reduce_stats, frechet_distance, kernel_distance, precision_recall
 
 __all__ = [
     "ImageSource", "TensorSource", "DatasetSource", "FolderSource", "SamplerSource", "compute_stats",
-    "FeatureStats", "Score", "score", "reference_stats", "cache_key", "atomic_write_bytes",
+    "FeatureStats", "Score", "score", "reference_stats", "cache_key",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +65,12 @@ class ImageSource:
 
     def shard(self, rank: int, world: int) -> "ImageSource":
         raise NotImplementedError(f"{type(self).__name__} cannot be sharded across processes")
+
+    def _with(self, **changes) -> "ImageSource":
+        """A shallow copy with some attributes replaced (what ``shard`` returns)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__, **changes)
+        return out
 
 
 class TensorSource(ImageSource):
@@ -144,10 +150,7 @@ class DatasetSource(ImageSource):
         return self._identity
 
     def shard(self, rank: int, world: int) -> "DatasetSource":
-        out = object.__new__(DatasetSource)
-        out.__dict__.update(self.__dict__)
-        out.indices = self.indices[rank::world]
-        return out
+        return self._with(indices=self.indices[rank::world])
 
 
 class FolderSource(ImageSource):
@@ -158,8 +161,7 @@ class FolderSource(ImageSource):
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise ValueError(f"image folder {self.folder} does not exist")
-        pattern = "**/*" if recursive else "*"
-        files = sorted(p for p in self.folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(self.folder, recursive)
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.folder}")
         self.files = files[:limit] if limit else files
@@ -170,13 +172,10 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def __iter__(self):
-        from PIL import Image
-
         for start in range(0, len(self.files), self.batch_size):
             batch = []
             for p in self.files[start:start + self.batch_size]:
-                with Image.open(p) as im:
-                    batch.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+                batch.append(read_image(p))
                 if batch[-1].shape != batch[0].shape:
                     raise ValueError(f"images in {self.folder} differ in size: {p.name} is "
                                      f"{tuple(batch[-1].shape[1:])}, {self.files[start].name} is "
@@ -194,10 +193,7 @@ class FolderSource(ImageSource):
         return self._identity
 
     def shard(self, rank: int, world: int) -> "FolderSource":
-        out = object.__new__(FolderSource)
-        out.__dict__.update(self.__dict__)
-        out.files = self.files[rank::world]
-        return out
+        return self._with(files=self.files[rank::world])
 
 
 def seeded_noise(seeds: Iterable[int], shape: tuple[int, ...], device=None, dtype=torch.float32) -> Tensor:
@@ -264,10 +260,7 @@ class SamplerSource(ImageSource):
         return f"sampler:{self.name}:seeds{self.seeds[0]}-{self.seeds[1]}"
 
     def shard(self, rank: int, world: int) -> "SamplerSource":
-        out = object.__new__(SamplerSource)
-        out.__dict__.update(self.__dict__)
-        out._subset = self.seed_range[rank::world]
-        return out
+        return self._with(_subset=self.seed_range[rank::world])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,23 +412,6 @@ def score(generated: FeatureStats, reference: FeatureStats, kid_subset_size: int
 
 # ---------------------------------------------------------------------------------------------
 # References, cached by content
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cache_key(protocol: Protocol, identity: str, keep_features: bool = False) -> str:

@@ -7,7 +7,7 @@ seed ranges are the point of recording them). ``Protocol.check_comparable`` rais
 ``ProtocolMismatch`` naming every field that differs.
 
 Quantisation is EDM's (``generate.py``): ``(x * 127.5 + 128).clip(0, 255).to(uint8)`` for
-``x`` in ``[-1, 1]``; the cast truncates, so this rounds half up (``to_uint8``).
+``x`` in ``[-1, 1]``; the cast truncates, so this rounds half up (``fewstep.io.to_uint8``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-__all__ = ["Protocol", "ProtocolMismatch", "to_uint8", "EDM_UINT8", "FEATURE_FIELDS"]
+__all__ = ["Protocol", "ProtocolMismatch", "EDM_UINT8", "FEATURE_FIELDS"]
 
 #: The name of EDM's quantisation of ``[-1, 1]`` floats, as stored in ``Protocol.quantisation``.
 EDM_UINT8 = "edm-uint8[-1,1]"
@@ -95,22 +92,3 @@ class Protocol:
         ref = f", reference {self.reference}" if self.reference else ""
         return (f"{self.extractor}[{self.layer}] weights {self.weights}, resize {self.resize}, "
                 f"{self.quantisation}, N={self.n}{seeds}{ref}")
-
-
-def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
-    """Float images in ``value_range`` -> uint8, EDM's way: ``(x * 127.5 + 128).clip(0, 255).to(uint8)``
-    for ``[-1, 1]`` (truncation after ``+ 0.5``: round half up); ``x * 255 + 0.5`` for ``[0, 1]``.
-    Out-of-range values are clipped; NaN raises (a silent black pixel would bias the FD)."""
-    if not torch.is_floating_point(x):
-        raise ValueError(f"to_uint8 expects a float tensor, got {x.dtype}")
-    if torch.isnan(x).any():
-        raise ValueError("images contain NaN (did the sampler diverge?)")
-    lo, hi = value_range
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    if (lo, hi) == (-1.0, 1.0):
-        y = x * 127.5 + 128  # EDM generate.py, bit for bit
-    else:
-        scale = 255.0 / (hi - lo)
-        y = (x - lo) * scale + 0.5
-    return y.clip(0, 255).to(torch.uint8)

@@ -32,10 +32,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fewstep.io import to_uint8
+
 from .features import FeatureExtractor
 from .harness import (FeatureStats, FolderSource, SamplerSource, Score, TensorSource, compute_stats,
                       reference_stats, score)
-from .protocol import to_uint8
 
 __all__ = ["SweepConfig", "SweepRun", "run_sweep", "write_outputs", "load_model", "sweep_main", "fid_main"]
 
@@ -239,7 +240,7 @@ def write_outputs(cfg: SweepConfig, runs: Sequence[SweepRun], grids: dict, out: 
     (out / "results.md").write_text(markdown_table(cfg, agg, protocol))
     plot_fd_vs_nfe(agg, out / "fd_vs_nfe.png", protocol)
     if grids:
-        save_grid(grids, out / "samples.png")
+        plot_samples(grids, out / "samples.png")
     return out
 
 
@@ -292,8 +293,9 @@ def plot_fd_vs_nfe(agg: Sequence[dict], path: Path, protocol=None) -> None:
     plt.close(fig)
 
 
-def save_grid(grids: dict, path: Path) -> None:
-    """One row per (sampler, NFE): its first images, side by side."""
+def plot_samples(grids: dict, path: Path) -> None:
+    """A figure of one titled row per (sampler, NFE): its first images, side by side (a pixel grid without
+    titles is ``fewstep.io.save_grid``)."""
     import matplotlib
 
     matplotlib.use("Agg")

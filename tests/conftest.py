@@ -6,6 +6,7 @@ sample up. ``near_consistent`` makes a network's output stay close to a self-con
 every noise level), plus a small random, input- and time-dependent part that still makes every
 solver step depend on the network.
 diffusers is imported inside the fixtures, so test files that do not use them never pay for it.
+``random_inception_weights``: torch-fidelity's Inception with random weights, as a local file.
 """
 
 from __future__ import annotations
@@ -106,3 +107,12 @@ def idx_folder(tmp_path):
         with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + bytes(range(n)))
     return tmp_path
+
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A local ``inception-v3-compat`` weights file with random weights (``tests/random_inception.py``)."""
+    from random_inception import save_random_inception_weights
+
+    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")

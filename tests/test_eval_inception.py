@@ -16,13 +16,8 @@ import pytest
 import torch
 import torch_fidelity
 
-from fewstep.eval.features import WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset, save_random_inception_weights
+from fewstep.eval.features import WEIGHTS_ENV, FeatureExtractor, ImageTensorDataset
 from fewstep.eval.harness import TensorSource, compute_stats, score
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def two_image_sets(n: int) -> tuple[torch.Tensor, torch.Tensor]:

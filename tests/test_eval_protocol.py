@@ -9,7 +9,8 @@ import torch
 
 from fewstep.eval.features import prepare_images
 from fewstep.eval.harness import FeatureStats, Score
-from fewstep.eval.protocol import EDM_UINT8, Protocol, ProtocolMismatch, to_uint8
+from fewstep.eval.protocol import EDM_UINT8, Protocol, ProtocolMismatch
+from fewstep.io import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 

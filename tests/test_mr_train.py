@@ -53,7 +53,7 @@ def test_committed_mr_model_loads_offline():
 
 @pytest.mark.skipif(not FMNIST_TEST.exists(), reason="dataset-fashion-mnist not installed")
 def test_committed_mr_model_restores_better_than_its_input():
-    from fewstep.distill.data import load_images
+    from fewstep.data import load_images
     from fewstep.distill.mr_train import degrade
 
     def psnr(x, ref):  # images in [-1, 1], PSNR on [0, 1]

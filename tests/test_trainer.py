@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from fewstep.distill.data import load_fashion_mnist, load_images, preprocess, read_idx, to_uint8
+from fewstep.data import load_fashion_mnist, load_images, preprocess, read_idx
 from fewstep.distill.teacher import train_teacher
 from fewstep.distill.trainer import TrainConfig, load_config
+from fewstep.io import to_uint8
 
 TINY = {
     "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2, "log_every": 2, "seed": 3,

@@ -6,9 +6,11 @@ Sources, by name (``load_images``):
   ``download=True`` where the internet is reachable;
 - ``"mnist"``, ``"cifar10"``: torchvision's datasets (download where reachable);
 - ``"digits"``: scikit-learn's 8x8 digits (1,797 images; ``pip install scikit-learn``);
-- a folder of images (``"folder:/path"``).
+- a folder of images (``"folder:/path"``; ``image_files`` and ``read_image`` also read the folders of
+  ``fewstep.eval.FolderSource``).
 
-Every source comes out as float32 ``[N, C, size, size]`` in ``[-1, 1]`` (``preprocess``).
+Every source comes out as float32 ``[N, C, size, size]`` in ``[-1, 1]`` (``preprocess``). Both
+``fewstep.distill`` and ``fewstep.eval`` import their data from here.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEBIAN_FASHION_MNIST", "read_idx", "load_fashion_mnist", "load_images", "preprocess", "to_uint8"]
+__all__ = ["DEBIAN_FASHION_MNIST", "IMAGE_EXTENSIONS", "read_idx", "load_fashion_mnist", "load_images", "preprocess",
+           "image_files", "read_image"]
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 _IDX_LABELS = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
@@ -54,11 +58,6 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
             "(Debian/Ubuntu), or load it through torchvision with download=True where the internet is reachable.")
     images = read_idx(path)
     return (images, read_idx(root / _IDX_LABELS[split]).long()) if labels else images
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """``[-1, 1]`` floats to uint8 pixels with EDM's rounding: ``clip(round(127.5 x + 128), 0, 255)``."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def preprocess(images: Tensor, size: int | None = None, channels: int | None = None) -> Tensor:
@@ -98,20 +97,30 @@ def _digits() -> Tensor:
     return torch.as_tensor(load_digits().images * (255.0 / 16.0)).round().to(torch.uint8)
 
 
-def _folder(path: str) -> Tensor:
+def image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The image files (``IMAGE_EXTENSIONS``, any case) in ``folder`` (and its subfolders), sorted."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in Path(folder).glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """One image file as uint8 RGB ``[3, H, W]``."""
     from PIL import Image
 
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(im.size[1], im.size[0], 3).permute(2, 0, 1)
+
+
+def _folder(path: str) -> Tensor:
+    files = image_files(path)
     if not files:
         raise FileNotFoundError(f"no images under {path}")
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            arrays.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.size[1], im.size[0], 3))
+    arrays = [read_image(p) for p in files]
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"images under {path} differ in size; resize them first")
-    return torch.stack(arrays).permute(0, 3, 1, 2)
+    return torch.stack(arrays)
 
 
 def load_images(name: str, split: str = "train", size: int | None = None, channels: int | None = None,
