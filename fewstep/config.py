@@ -60,11 +60,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def reject_unknown(keys: Iterable[str], known: Iterable[str], what: str = "option") -> None:
-    """Raise ``ValueError("unknown <what>(s) [...]; known: [...]")`` for keys outside ``known``."""
+def reject_unknown(keys: Iterable[str], known: Iterable[str], what: str = "option", where: str = "") -> None:
+    """Raise ``ValueError("[where: ]unknown <what>(s) [...]; known: [...]")`` for keys outside ``known``."""
     unknown = sorted(set(keys) - set(known))
     if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{where + ': ' if where else ''}unknown {what}(s) {unknown}; known: {sorted(known)}")
 
 
 def _what(cls: type) -> str:
@@ -88,11 +88,7 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
     unknown keys rejected. ``where`` is the dotted prefix used in error messages."""
     if not isinstance(values, Mapping):
         raise ValueError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    names = [f.name for f in fields(cls) if f.init]
-    try:
-        reject_unknown(values, names, _what(cls))
-    except ValueError as err:
-        raise ValueError(f"{where.rstrip('.')}: {err}" if where else str(err)) from None
+    reject_unknown(values, [f.name for f in fields(cls) if f.init], _what(cls), where.rstrip("."))
     hints = _types(cls)
     kwargs = {}
     for f in fields(cls):
@@ -171,11 +167,7 @@ def _field_type(cls: type, path: list[str], text: str) -> Any:
     for name in path:
         if not is_dataclass(tp):
             raise ValueError(f"{text}: {'.'.join(done)} has no keys")
-        prefix = ".".join(done)
-        try:
-            reject_unknown([name], [f.name for f in fields(tp) if f.init], _what(tp))
-        except ValueError as err:
-            raise ValueError(f"{text}: {prefix + ': ' if prefix else ''}{err}") from None
+        reject_unknown([name], [f.name for f in fields(tp) if f.init], _what(tp), ".".join(done) or text)
         tp = _types(tp)[name]
         done.append(name)
     return tp
