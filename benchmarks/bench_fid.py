@@ -21,13 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random_inception: no download, no mock
-
-from fewstep.eval.features import (FeatureExtractor, ImageTensorDataset, WeightsUnavailable,  # noqa: E402
-                                   inception_weights)
-from fewstep.eval.harness import TensorSource, compute_stats, score  # noqa: E402
-from random_inception import save_random_inception_weights  # noqa: E402
+from fewstep.eval.features import (FeatureExtractor, ImageTensorDataset, WeightsUnavailable,
+                                   inception_weights, save_random_inception_weights)
+from fewstep.eval.harness import TensorSource, compute_stats, score
 
 
 def timed(fn):

@@ -1,5 +1,5 @@
 """The MR Sampler on real images: denoise Fashion-MNIST test images with a small MR model trained by
-`python -m fewstep.distill.mr_train --config configs/mr_fmnist.yaml`.
+`fewstep train-mr --config configs/mr_fmnist.yaml`.
 
     python benchmarks/mr_restoration.py [--model teachers/mr_fmnist] [--n 256] [--grid docs/mr_restoration.png]
 

@@ -1,6 +1,6 @@
 """Train a small mean-reverting (MR) restoration model on the training core, and restore with MRS.
 
-    python -m fewstep.distill.mr_train --config configs/mr_fmnist.yaml
+    fewstep train-mr --config configs/mr_fmnist.yaml [train.steps=8000 ...]
 
 The task: Gaussian denoising (``mu`` = clean image + ``noise_std`` noise in [-1, 1]). The network is a
 ``UNet2DModel`` that sees ``[x_t, mu]`` (two channels) and predicts, for
@@ -14,19 +14,21 @@ solvers need at 10-20 NFE. Saved as ``output_dir/unet`` (diffusers format) plus 
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.config import MRTrainConfig, from_dict, given
 from fewstep.samplers.mr import MRDenoiser, MRSchedule
 
 from fewstep.data import load_images
-from .trainer import TrainConfig, Trainer, load_config
 
-__all__ = ["MR_TARGETS", "degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "main"]
+from .trainer import Trainer
+
+__all__ = ["MR_TARGETS", "degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "cli"]
 
 
 def degrade(x0: Tensor, noise_std: float, g: torch.Generator) -> Tensor:
@@ -77,41 +79,32 @@ def load_mr_model(path: str | Path) -> tuple[MRDenoiser, dict]:
     return MRDenoiser(unet_mr_model(unet), schedule, info.get("target", "noise"), clip=(-1.0, 1.0)), info
 
 
-def train_mr(config: dict, max_steps: int | None = None) -> Path:
+def train_mr(config: MRTrainConfig | dict, max_steps: int | None = None) -> Path:
+    """Train (resuming if a checkpoint exists) and save ``output_dir/unet`` and ``mr.json``."""
     from diffusers import UNet2DModel
 
-    tc = TrainConfig.from_dict(dict(config.get("train", {})))
-    mr = dict(config.get("mr", {}))
-    unknown = sorted(set(mr) - {"sigma_inf", "T", "noise_std", "target"})
-    if unknown:
-        raise ValueError(f"unknown mr option(s) {unknown}; known: ['T', 'noise_std', 'sigma_inf', 'target']")
-    mr = {"sigma_inf": 50 / 255, "T": 100, "noise_std": 0.3, "target": "noise", **mr}
-    target = mr["target"]
-    schedule = MRSchedule(sigma_inf=mr["sigma_inf"], T=mr["T"])
+    config = config if isinstance(config, MRTrainConfig) else from_dict(MRTrainConfig, config)
+    tc, mr = config.train, config.mr
+    target = mr.target
+    schedule = MRSchedule(sigma_inf=mr.sigma_inf, T=mr.T)
     torch.manual_seed(tc.seed)
-    model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model", {}).items()}
-    unet = UNet2DModel(**model_cfg)
-    data = load_images(**config.get("data", {"name": "fashion_mnist"}))
-    trainer = Trainer(tc, unet, mr_loss(schedule, mr["noise_std"], target), data,
-                      recipe={"mr": mr, "model": config.get("model", {}), "data": config.get("data", {})})
+    unet = UNet2DModel(**given(config.model))
+    data = load_images(**given(config.data))
+    # mr with its defaults filled in; model and data as set (not diffusers' defaults)
+    trainer = Trainer(tc, unet, mr_loss(schedule, mr.noise_std, target), data,
+                      recipe={"mr": asdict(mr), "model": given(config.model), "data": given(config.data)})
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()
     out = Path(tc.output_dir)
     if trainer.accelerator.is_main_process:
         ema.save_pretrained(out / "unet")
-        info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr["noise_std"],
+        info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr.noise_std,
                 "target": target, "steps": trainer.step, "seed": tc.seed}
         (out / "mr.json").write_text(json.dumps(info, indent=1))
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--max-steps", type=int, default=None)
-    args = p.parse_args(argv)
-    print(train_mr(load_config(args.config), args.max_steps))
-
-
-if __name__ == "__main__":
-    main()
+def cli(config: MRTrainConfig, max_steps: int | None = None) -> int:
+    """``fewstep train-mr``: the config comes from ``fewstep.config.load``."""
+    print(train_mr(config, max_steps))
+    return 0

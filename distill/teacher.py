@@ -1,27 +1,30 @@
 """Train a teacher: a diffusers ``UNet2DModel`` on a standard DDPM noise schedule, with the training core.
 
-    fewstep train-teacher --config configs/teacher_fmnist.yaml
+    fewstep train-teacher --config configs/teacher_fmnist.yaml [train.lr=1e-4 ...]
 
-The config has sections ``train`` (``TrainConfig``), ``model`` (``UNet2DModel`` keyword arguments),
-``scheduler`` (``DDPMScheduler`` keyword arguments) and ``data`` (``load_images`` arguments). The
+The config (``fewstep.config.TeacherConfig``) has sections ``train`` (``TrainConfig``), ``model``
+(``UNet2DModel`` keyword arguments), ``scheduler`` (``DDPMScheduler`` keyword arguments) and ``data``
+(``load_images`` arguments); ``fewstep train-teacher --help`` lists every key. The
 result is saved as a diffusers ``DDPMPipeline`` (safetensors) in ``train.output_dir/pipeline``, so
 ``DDPMPipeline.from_pretrained(path)`` loads it offline and any fewstep sampler swaps in.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.config import TeacherConfig, from_dict, given
 from fewstep.data import load_images
-from .trainer import TrainConfig, Trainer, load_config
 
-__all__ = ["eps_loss", "build_teacher", "train_teacher", "main"]
+from .trainer import Trainer
+
+__all__ = ["eps_loss", "build_teacher", "train_teacher", "cli"]
 
 
 def eps_loss(alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
@@ -43,39 +46,36 @@ def eps_loss(alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
     return loss
 
 
-def build_teacher(config: dict):
+def _typed(config: TeacherConfig | dict) -> TeacherConfig:
+    return config if isinstance(config, TeacherConfig) else from_dict(TeacherConfig, config)
+
+
+def build_teacher(config: TeacherConfig | dict):
     """``(unet, scheduler)`` from a config's ``model`` and ``scheduler`` sections."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    model_cfg = dict(config.get("model", {}))
-    for key in ("down_block_types", "up_block_types", "block_out_channels"):
-        if key in model_cfg:
-            model_cfg[key] = tuple(model_cfg[key])
-    return UNet2DModel(**model_cfg), DDPMScheduler(**config.get("scheduler", {}))
+    config = _typed(config)
+    return UNet2DModel(**given(config.model)), DDPMScheduler(**given(config.scheduler))
 
 
-def train_teacher(config: dict, max_steps: int | None = None, output_dir: str | None = None) -> Path:
+def train_teacher(config: TeacherConfig | dict, max_steps: int | None = None, output_dir: str | None = None) -> Path:
     """Train (resuming if a checkpoint exists) and export the EMA teacher; returns the pipeline folder."""
     from diffusers import DDPMPipeline
 
     from fewstep.samplers.schedules import DiscreteVPSchedule
 
-    unknown = sorted(set(config) - {"train", "model", "scheduler", "data", "eval"})
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; expected train, model, scheduler, data")
-    train_cfg = dict(config.get("train", {}))
-    if output_dir is not None:
-        train_cfg["output_dir"] = output_dir
-    tc = TrainConfig.from_dict(train_cfg)
+    config = _typed(config)
+    tc = config.train if output_dir is None else replace(config.train, output_dir=output_dir)
     torch.manual_seed(tc.seed)  # the initial weights are part of the run
     unet, scheduler = build_teacher(config)
-    data = load_images(**config.get("data", {"name": "fashion_mnist"}))
+    data = load_images(**given(config.data))
     if data.shape[1:] != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
         raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the model's "
                          f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input")
     schedule = DiscreteVPSchedule.from_diffusers_config(scheduler.config)
+    # The recipe holds the keys that are set (not diffusers' defaults), as before the config system.
     trainer = Trainer(tc, unet, eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type), data,
-                      recipe={k: config.get(k, {}) for k in ("model", "scheduler", "data")})
+                      recipe={k: given(getattr(config, k)) for k in ("model", "scheduler", "data")})
     start = time.perf_counter()
     ema = trainer.fit(max_steps=max_steps)
     trainer.write_history()
@@ -88,21 +88,7 @@ def train_teacher(config: dict, max_steps: int | None = None, output_dir: str | 
     return path
 
 
-def cli(config_path: str, max_steps: int | None = None, output_dir: str | None = None) -> int:
-    """``fewstep train-teacher --config FILE.yaml``."""
-    print(train_teacher(load_config(config_path), max_steps, output_dir))
+def cli(config: TeacherConfig, max_steps: int | None = None, output_dir: str | None = None) -> int:
+    """``fewstep train-teacher``: the config comes from ``fewstep.config.load``."""
+    print(train_teacher(config, max_steps, output_dir))
     return 0
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="fewstep train-teacher", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see configs/teacher_fmnist.yaml)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (resumable)")
-    p.add_argument("--output-dir", default=None, help="override train.output_dir")
-    args = p.parse_args(argv)
-    print(train_teacher(load_config(args.config), args.max_steps, args.output_dir))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,63 +14,23 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.config import TrainConfig, read_yaml  # TrainConfig lives with the other sections
 from fewstep.io import atomic_save
 
 __all__ = ["TrainConfig", "Trainer", "EMA", "load_config", "run_recipe", "recipe_changes"]
 
 
-@dataclass
-class TrainConfig:
-    """Settings shared by every trainer (a YAML file's ``train:`` section)."""
-
-    output_dir: str = "outputs/run"
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    ema_start: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 50
-    seed: int = 0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate's spelling)
-    gradient_accumulation_steps: int = 1
-    cpu: bool = False
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        config = cls(**values)
-        for name in ("steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps"):
-            if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(config, name)!r}")
-        if not 0 <= config.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
-        return config
-
-
 def load_config(path: str | os.PathLike) -> dict:
-    """A YAML config as a dict (sections: ``train``, ``model``, ``data``, ``schedule``, ...)."""
-    import yaml
-
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return config
+    """A YAML config as a dict (sections: ``train``, ``model``, ``data``, ...); ``fewstep.config.load``
+    types and checks it."""
+    return read_yaml(path)
 
 
 class EMA:

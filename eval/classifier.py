@@ -1,7 +1,7 @@
 """An offline feature space for Fashion-MNIST: a small CNN classifier whose penultimate features give a
 Frechet distance, reported as ``FD-fmnist`` (never "FID": the features are not Inception's).
 
-    python -m fewstep.eval.classifier --out teachers/fmnist/classifier.pt      # trains, prints test accuracy
+    fewstep train-classifier out=teachers/fmnist/classifier.pt      # trains, prints test accuracy
 
 Registered as the extractor ``fmnist-classifier`` (feature ``"128"``); weights from ``--weights`` /
 ``FeatureExtractor(weights=...)``, default the committed ``teachers/fmnist/classifier.pt``.
@@ -9,7 +9,6 @@ Registered as the extractor ``fmnist-classifier`` (feature ``"128"``); weights f
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ClassifierConfig
 from ..teachers import FMNIST_CLASSIFIER
 from .features import ExtractorBase, register_extractor
 
-__all__ = ["FMNISTNet", "train_classifier", "accuracy", "ClassifierExtractor", "DEFAULT_WEIGHTS"]
+__all__ = ["FMNISTNet", "train_classifier", "accuracy", "ClassifierExtractor", "DEFAULT_WEIGHTS", "cli"]
 
 DEFAULT_WEIGHTS = FMNIST_CLASSIFIER  # package data: found from any folder, editable or wheel install
 
@@ -92,7 +92,7 @@ class ClassifierExtractor(ExtractorBase):
         super().__init__(name, features_list)
         path = Path(feature_extractor_weights_path or DEFAULT_WEIGHTS)
         self.load_net(FMNISTNet, path, f"classifier weights {path} not found; train them with "
-                                       "`python -m fewstep.eval.classifier --out PATH`")
+                                       "`fewstep train-classifier out=PATH`")
 
     def extract(self, x):
         gray = x.float().mean(dim=1, keepdim=True) / 127.5 - 1
@@ -105,18 +105,12 @@ class ClassifierExtractor(ExtractorBase):
 register_extractor("fmnist-classifier", ClassifierExtractor, resize="bilinear-28")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+def cli(config: ClassifierConfig) -> int:
+    """``fewstep train-classifier``: train, save the weights, print the test accuracy."""
+    out = Path(config.out or DEFAULT_WEIGHTS)
     start = time.perf_counter()
-    net, acc = train_classifier(args.steps, seed=args.seed)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), args.out)
-    print(f"test accuracy {acc:.4f} after {args.steps} steps ({time.perf_counter() - start:.0f} s); saved {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    net, acc = train_classifier(config.steps, config.batch_size, config.lr, config.seed, config.root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    print(f"test accuracy {acc:.4f} after {config.steps} steps ({time.perf_counter() - start:.0f} s); saved {out}")
+    return 0

@@ -36,6 +36,7 @@ from .protocol import EDM_UINT8, Protocol
 __all__ = [
     "FeatureExtractor", "WeightsUnavailable", "register_extractor", "EXTRACTORS", "ExtractorBase", "TinyExtractor",
     "inception_weights", "INCEPTION_URL", "INCEPTION_FILE", "WEIGHTS_ENV", "prepare_images",
+    "save_random_inception_weights",
 ]
 
 #: torch-fidelity's converted TF-Inception (2015-12-05) weights; the name's suffix is its SHA-256 prefix.
@@ -305,3 +306,26 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i]
+
+
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """torch-fidelity's ``inception-v3-compat`` with random weights, as a local file (no download): for
+    plumbing checks and timing offline (tests, ``benchmarks/bench_fid.py``), never for reported numbers.
+
+    The architecture built from an empty weights file through a subclass whose ``load_state_dict`` is
+    non-strict, its convolutions re-initialised He-normal (PyTorch's default initialisation collapses
+    the features to a constant), saved to ``path``."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, **kwargs):
+            return super().load_state_dict(state_dict, strict=False, **kwargs)
+
+    torch.save({}, path)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), path)
+    return Path(path)

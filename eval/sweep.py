@@ -67,10 +67,9 @@ class SweepConfig:
 
     @classmethod
     def from_options(cls, **opts) -> "SweepConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(opts) - known)
-        if unknown:
-            raise ValueError(f"unknown sweep option(s) {unknown}; expected some of {sorted(known)}")
+        from fewstep.config import reject_unknown
+
+        reject_unknown(opts, cls.__dataclass_fields__, "sweep option")  # the one config system's message
         return cls(**opts)
 
 

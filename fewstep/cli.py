@@ -4,12 +4,19 @@ so ``fewstep --help`` is instant.
     fewstep samplers                   # the sampler registry: solver, options and defaults
     fewstep demo                       # sampler comparison on the exact Gaussian-mixture testbed
     fewstep demo --nfe 4 8 --samplers ddim dpmpp_2m --config configs/demo.yaml
+    fewstep train-teacher --config configs/teacher_fmnist.yaml train.lr=1e-4 model.layers_per_block=2
 
-Adding a subcommand (``train-teacher``, ``fid``, ``sweep``, ...) is one ``COMMANDS`` entry: the module
-and function that run it, a help line, and a function declaring its options. The function is
-called with the options as keyword arguments (only those given on the command line or in
-``--config``; it owns the defaults) and returns an exit code. A ``check`` hook turns bad input into
-an argparse error (exit 2) before the job starts.
+Adding a subcommand is one ``COMMANDS`` entry: the module and function that run it, a help line, and
+either a function declaring its flags or (a training job) a ``fewstep.config`` dataclass.
+
+- Flag commands (``demo``, ``fid``, ``sweep``, ``grid``): the function is called with the options as
+  keyword arguments (only those given on the command line or in ``--config``; it owns the defaults).
+  A ``check`` hook turns bad input into an argparse error (exit 2) before the job starts.
+- Config commands (``train-*``): ``--config FILE.yaml`` and ``KEY=VALUE`` overrides go through
+  ``fewstep.config.load``; the function gets the typed dataclass first, then any extra flags.
+  ``--help`` lists every key with its default.
+
+Either way it returns an exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import importlib
 import os
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
+
+from fewstep import config as cfg
 
 __all__ = ["COMMANDS", "Command", "main", "build_parser", "list_samplers"]
 
@@ -30,6 +39,7 @@ class Command(NamedTuple):
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     check: Callable[[dict], None] | None = None  # raises ValueError on bad options
     config: bool = False  # accepts ``--config FILE.yaml`` (keys: the options' dests)
+    settings: type | None = None  # a fewstep.config dataclass: ``--config FILE.yaml`` + ``KEY=VALUE``
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +153,23 @@ def _check_sweep(opts: dict) -> None:
         raise ValueError(f"kid_subset_size {opts['kid_subset_size']} exceeds n={opts.get('n', 256)} generated images")
 
 
-def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", dest="config_path", required=True, metavar="FILE.yaml",
-                   help="sections train / model / scheduler / data (see configs/teacher_fmnist.yaml)")
+def _add_max_steps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=_int_at_least(1, "--max-steps"), default=None,
                    help="stop after this many more steps; run again to resume")
+
+
+def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
+    _add_max_steps(p)
     p.add_argument("--output-dir", default=None, help="override train.output_dir")
+
+
+def _add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, metavar="DIR", help="a diffusers DDPMPipeline folder")
+    p.add_argument("--sampler", metavar="NAME", help="registry name (default: dpmpp_2m)")
+    p.add_argument("--steps", type=_int_at_least(1, "steps"), help="sampler steps (default: 20)")
+    p.add_argument("--n", type=_int_at_least(1, "n"), help="images, 8 per row (default: 64)")
+    p.add_argument("--seed", type=int, help="seed of x_T and the noise (default: 0)")
+    p.add_argument("--out", metavar="FILE.png", help="image file (default: samples.png)")
 
 
 #: Subcommand -> how to run it.
@@ -166,10 +187,20 @@ COMMANDS: dict[str, Command] = {
                      "FD of samplers x NFE x seed ranges against one reference: CSV/JSON/Markdown tables and a "
                      "FD-vs-NFE plot (configs/sweep_*.yaml)",
                      _add_sweep_arguments, _check_sweep, config=True),
+    "grid": Command("fewstep.distill.grid", "cli",
+                    "sample an image grid from a diffusers DDPMPipeline with any fewstep sampler",
+                    _add_grid_arguments),
+    # Training jobs: one entry and one fewstep.config dataclass each.
     "train-teacher": Command("fewstep.distill.teacher", "cli",
                              "train a diffusers UNet2DModel teacher with the training core (accelerate, EMA, "
-                             "checkpoints, exact resume); exports a DDPMPipeline",
-                             _add_train_teacher_arguments),
+                             "checkpoints, exact resume); exports a DDPMPipeline (configs/teacher_fmnist.yaml)",
+                             _add_train_teacher_arguments, settings=cfg.TeacherConfig),
+    "train-mr": Command("fewstep.distill.mr_train", "cli",
+                        "train a mean-reverting (MR) restoration UNet on the training core (configs/mr_fmnist.yaml)",
+                        _add_max_steps, settings=cfg.MRTrainConfig),
+    "train-classifier": Command("fewstep.eval.classifier", "cli",
+                                "train the Fashion-MNIST classifier whose features give FD-fmnist",
+                                settings=cfg.ClassifierConfig),
 }
 
 
@@ -236,31 +267,43 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subparsers = {}
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help, argument_default=argparse.SUPPRESS)
+        extra = {}
+        if cmd.settings is not None:  # the epilog lists every key; keep its lines as they are
+            extra = dict(epilog=cfg.help_text(cmd.settings), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, argument_default=argparse.SUPPRESS, **extra)
         if cmd.add_arguments is not None:
             cmd.add_arguments(p)
         if cmd.config:
             p.add_argument("--config", metavar="FILE.yaml",
                            help="YAML mapping of these options (dest names, e.g. n_samples); flags override it")
+        if cmd.settings is not None:
+            p.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below")
+            p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                           help="set a key listed below (dotted in a section: train.lr=1e-4); applied after --config")
         subparsers[name] = p
     return parser, subparsers
 
 
 def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    import yaml
-
+    """A flag command's ``--config``: a YAML mapping whose keys are the flags' dests."""
+    data = cfg.read_yaml(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a YAML mapping, got {type(data).__name__}")
-    known = {a.dest for a in parser._actions} - {"help", "config"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"config {path}: unknown option(s) {unknown}; expected some of {sorted(known)}")
+        cfg.reject_unknown(data, {a.dest for a in parser._actions} - {"help", "config"})
+    except ValueError as err:
+        raise ValueError(f"config {path}: {err}") from None
     return data
+
+
+def _options(cmd: Command, parser: argparse.ArgumentParser, args: dict) -> tuple[list, dict]:
+    """``(positional, keyword)`` arguments of the command's function."""
+    if cmd.settings is not None:
+        settings = cfg.load(cmd.settings, args.pop("config", None), args.pop("overrides"))
+        return [settings], args
+    config = _load_config(args.pop("config"), parser) if "config" in args else {}
+    opts = {**config, **args}
+    if cmd.check is not None:
+        cmd.check(opts)
+    return [], opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,15 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.pop("command")
     cmd, sub = COMMANDS[name], subparsers[name]
     try:
-        config = _load_config(args.pop("config"), sub) if "config" in args else {}
-        opts = {**config, **args}
-        if cmd.check is not None:
-            cmd.check(opts)
+        positional, opts = _options(cmd, sub, args)
     except ValueError as err:
         sub.error(str(err))  # exits 2 with "fewstep NAME: error: ..."
     func = getattr(importlib.import_module(cmd.module), cmd.function)
     try:
-        return int(func(**opts) or 0)
+        return int(func(*positional, **opts) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -112,7 +112,7 @@ def idx_folder(tmp_path):
 
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
-    """A local ``inception-v3-compat`` weights file with random weights (``tests/random_inception.py``)."""
-    from random_inception import save_random_inception_weights
+    """A local ``inception-v3-compat`` weights file with random weights (``fewstep.eval.features.save_random_inception_weights``)."""
+    from fewstep.eval.features import save_random_inception_weights
 
     return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")

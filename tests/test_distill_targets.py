@@ -10,7 +10,7 @@ import torch
 from fewstep.distill.targets import (addim_transfer, consistency_target, ddim_transfer, inverse_ddim,
                                      progressive_target, pseudo_huber, snr_plus_one_weight, truncated_snr_weight)
 from fewstep.samplers import ContinuousVPSchedule
-from fewstep.samplers.testbed import GaussianMixture, gaussian_pf_ode_solution
+from fewstep.testbed import GaussianMixture, gaussian_pf_ode_solution
 
 F64 = torch.float64
 

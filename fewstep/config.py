@@ -1,0 +1,400 @@
+"""One config system for every fewstep job: dataclass sections, a YAML file, dotted command-line overrides.
+
+    @dataclass
+    class TrainConfig:
+        lr: float = option(2e-4, "AdamW learning rate")
+
+    cfg = load(TeacherConfig, "configs/teacher_fmnist.yaml", ["train.lr=1e-4", "model.layers_per_block=2"])
+
+``load`` reads the YAML file, applies the overrides and builds the dataclasses; every value is converted
+to its field's declared type (YAML reads ``5e-4`` as a string; here it becomes a float), and an unknown key
+is an error that lists the known ones. ``help_text`` lists every key with its default and help, which is
+what ``fewstep COMMAND --help`` prints. In a section of keyword arguments for someone else's constructor
+(``model``: ``UNet2DModel``, ``scheduler``: ``DDPMScheduler``, ``data``: ``load_images``) ``None`` means
+"not set: the callee's default applies"; ``given`` returns only the set ones.
+
+The sections of every job live here, in one place, and this module imports no torch, so building the
+command line (and its help) stays instant.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+__all__ = ["option", "section", "load", "from_dict", "apply_override", "read_yaml", "reject_unknown", "given",
+           "help_text", "TrainConfig", "UNetConfig", "DDPMSchedulerConfig", "DataConfig", "MRConfig",
+           "TeacherConfig", "MRTrainConfig", "ClassifierConfig"]
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
+    """A field with its default and its help text (shown by ``fewstep COMMAND --help``)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def section(cls: type, help: str = "") -> Any:
+    """A field holding a whole section (a nested dataclass), built from its own defaults."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping (an empty file is ``{}``)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read config {path}: {err}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def reject_unknown(keys: Iterable[str], known: Iterable[str], what: str = "option", where: str = "") -> None:
+    """Raise ``ValueError("[where: ]unknown <what>(s) [...]; known: [...]")`` for keys outside ``known``."""
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ValueError(f"{where + ': ' if where else ''}unknown {what}(s) {unknown}; known: {sorted(known)}")
+
+
+def _what(cls: type) -> str:
+    """What an unknown key of ``cls`` is called in errors: a section, or an option (of a named kind)."""
+    if any(_is_section(f) for f in fields(cls)):
+        return "config section"
+    label = getattr(cls, "label", "")
+    return f"{label} option" if label else "option"
+
+
+def _is_section(f) -> bool:
+    return f.default_factory is not MISSING and is_dataclass(f.default_factory)
+
+
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the string annotations of ``from __future__``
+
+
+def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
+    """``cls(**values)`` with every value converted to its field's type, sections built recursively, and
+    unknown keys rejected. ``where`` is the dotted prefix used in error messages."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    reject_unknown(values, [f.name for f in fields(cls) if f.init], _what(cls), where.rstrip("."))
+    hints = _types(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _convert(values[f.name], hints[f.name], f"{where}{f.name}")
+    return cls(**kwargs)
+
+
+def _optional(tp: Any) -> Any | None:
+    """``X`` for ``X | None`` (``Optional[X]``), else ``None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)) and len(args) == 1:
+            return args[0]
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``, or a ``ValueError`` naming ``key`` and the type it wants."""
+    inner = _optional(tp)
+    if inner is not None:
+        return None if value is None else _convert(value, inner, key)
+    if is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    elif origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else Any
+            items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list or tp is list else tuple(items)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp in (int, float):
+        number = _number(value, tp)
+        if number is not None:
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{key}: the config system cannot convert to {tp!r}")
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _number(value: Any, tp: type) -> int | float | None:
+    """``value`` as an int or float (from a number or a string such as YAML's ``5e-4``), else ``None``."""
+    if isinstance(value, bool):
+        return None  # True is an int to Python, never a number to a config
+    if isinstance(value, str):
+        try:
+            value = float(value) if tp is float or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            return None
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e3 steps
+    return None
+
+
+def _field_type(cls: type, path: list[str], text: str) -> Any:
+    """The declared type at a dotted ``path`` under ``cls`` (unknown keys rejected on the way)."""
+    tp, done = cls, []
+    for name in path:
+        if not is_dataclass(tp):
+            raise ValueError(f"{text}: {'.'.join(done)} has no keys")
+        reject_unknown([name], [f.name for f in fields(tp) if f.init], _what(tp), ".".join(done) or text)
+        tp = _types(tp)[name]
+        done.append(name)
+    return tp
+
+
+def apply_override(cls: type, data: dict, text: str) -> None:
+    """Apply ``KEY=VALUE`` (``train.lr=1e-4``) to the nested dict ``data``. The value is text for a string
+    field and YAML otherwise (``[8, 16]``, ``true``, ``null``); it is typed later, with the file's values."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise ValueError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    path = key.split(".")
+    tp = _field_type(cls, path, text)
+    target = data
+    for name in path[:-1]:
+        if not isinstance(target.get(name), dict):
+            target[name] = {}
+        target = target[name]
+    target[path[-1]] = _from_text(raw, tp)
+
+
+def _from_text(raw: str, tp: Any) -> Any:
+    inner = _optional(tp)
+    if inner is str:
+        return None if raw in ("null", "~", "None") else raw
+    if tp is str:
+        return raw  # `mixed_precision=no` is the string "no", not YAML's False
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot parse {raw!r}: {err}") from None
+
+
+def load(cls: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Any:
+    """The one loader: YAML file (optional), then the dataclass defaults for what it leaves out, then
+    dotted ``KEY=VALUE`` overrides; typed and checked."""
+    data = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        apply_override(cls, data, text)
+    return from_dict(cls, data)
+
+
+def given(obj: Any) -> dict[str, Any]:
+    """The fields of a section that are set (not ``None``): the keyword arguments it passes on."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if _is_section(f):
+            rows += _rows(f.default_factory, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        rows.append((prefix + f.name, _show(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _show(value: Any) -> str:
+    """A default as YAML would spell it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def help_text(cls: type) -> str:
+    """Every key of ``cls`` with its default and help, for an argparse epilog."""
+    rows = _rows(cls)
+    width = max(len(k) + len(d) for k, d, _ in rows) + 3
+    lines = ["keys (in the YAML file, or KEY=VALUE on the command line), with their defaults:"]
+    lines += [f"  {f'{k} = {d}':<{width}}  {h}" for k, d, h in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every trainer (a YAML file's ``train:`` section)."""
+
+    label: ClassVar[str] = "training"  # errors say "unknown training option(s)"
+
+    output_dir: str = option("outputs/run", "checkpoint, history and exported model")
+    steps: int = option(1000, "total optimizer steps (raise it and rerun to continue a run)")
+    batch_size: int = option(128, "examples per step, over all processes")
+    lr: float = option(2e-4, "AdamW learning rate (constant after warm-up)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(0, "linear learning-rate warm-up")
+    grad_clip: float | None = option(1.0, "gradient norm clip (null: none)")
+    ema_decay: float = option(0.999, "EMA decay of the exported weights, in [0, 1)")
+    ema_start: int = option(0, "steps before the EMA starts averaging (it copies until then)")
+    checkpoint_every: int = option(250, "steps between checkpoints")
+    log_every: int = option(50, "steps between history entries")
+    seed: int = option(0, "seed of the weights, batches and noise")
+    mixed_precision: str = option("no", "accelerate's spelling: no, fp16, bf16")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    cpu: bool = option(False, "train on the CPU even when a GPU is there")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        return from_dict(cls, values, "train.")
+
+
+@dataclass
+class UNetConfig:
+    """``UNet2DModel`` keyword arguments (null: diffusers' default)."""
+
+    label: ClassVar[str] = "model"
+
+    sample_size: int | None = option(None, "image height = width")
+    in_channels: int | None = option(None, "input channels (diffusers: 3)")
+    out_channels: int | None = option(None, "output channels (diffusers: 3)")
+    layers_per_block: int | None = option(None, "ResNet layers per block (diffusers: 2)")
+    block_out_channels: tuple[int, ...] | None = option(None, "channels per resolution (diffusers: 224 448 672 896)")
+    down_block_types: tuple[str, ...] | None = option(None, "e.g. DownBlock2D, AttnDownBlock2D")
+    up_block_types: tuple[str, ...] | None = option(None, "e.g. UpBlock2D, AttnUpBlock2D")
+    norm_num_groups: int | None = option(None, "GroupNorm groups (diffusers: 32)")
+    dropout: float | None = option(None, "dropout (diffusers: 0.0)")
+    act_fn: str | None = option(None, "activation (diffusers: silu)")
+    add_attention: bool | None = option(None, "attention in the mid block (diffusers: true)")
+    time_embedding_type: str | None = option(None, "positional or fourier (diffusers: positional)")
+    flip_sin_to_cos: bool | None = option(None, "diffusers: true")
+    freq_shift: int | None = option(None, "diffusers: 0")
+    center_input_sample: bool | None = option(None, "diffusers: false")
+    norm_eps: float | None = option(None, "diffusers: 1e-5")
+    resnet_time_scale_shift: str | None = option(None, "default or scale_shift (diffusers: default)")
+
+
+@dataclass
+class DDPMSchedulerConfig:
+    """``DDPMScheduler`` keyword arguments (null: diffusers' default)."""
+
+    label: ClassVar[str] = "scheduler"
+
+    num_train_timesteps: int | None = option(None, "T (diffusers: 1000)")
+    beta_schedule: str | None = option(None, "linear, scaled_linear, squaredcos_cap_v2 (diffusers: linear)")
+    beta_start: float | None = option(None, "diffusers: 0.0001")
+    beta_end: float | None = option(None, "diffusers: 0.02")
+    prediction_type: str | None = option(None, "epsilon or v_prediction (diffusers: epsilon)")
+    variance_type: str | None = option(None, "diffusers: fixed_small")
+    clip_sample: bool | None = option(None, "diffusers: true")
+    clip_sample_range: float | None = option(None, "diffusers: 1.0")
+    timestep_spacing: str | None = option(None, "leading, trailing, linspace (diffusers: leading)")
+    steps_offset: int | None = option(None, "diffusers: 0")
+    rescale_betas_zero_snr: bool | None = option(None, "diffusers: false")
+
+
+@dataclass
+class DataConfig:
+    """``load_images`` keyword arguments (null: its default)."""
+
+    label: ClassVar[str] = "data"
+
+    name: str = option("fashion_mnist", "fashion_mnist, mnist, cifar10, digits or folder:PATH")
+    split: str | None = option(None, "train or test (default: train)")
+    size: int | None = option(None, "resize to size x size (default: as stored)")
+    channels: int | None = option(None, "1 or 3 (default: as stored)")
+    root: str | None = option(None, "data folder (default: Debian's Fashion-MNIST, or ./data)")
+    download: bool | None = option(None, "download through torchvision (default: false)")
+    limit: int | None = option(None, "use only the first N images")
+
+
+@dataclass
+class MRConfig:
+    """The mean-reverting SDE and the restoration task (``mr:`` section)."""
+
+    label: ClassVar[str] = "mr"
+
+    sigma_inf: float = option(50 / 255, "stationary noise level of the MR SDE")
+    T: int = option(100, "discrete times 1..T")
+    noise_std: float = option(0.3, "std of the Gaussian degradation in [-1, 1]")
+    target: str = option("noise", "what the network predicts: noise (IR-SDE) or data (x0)")
+
+
+# -- one dataclass per training command (cli.COMMANDS names them)
+
+
+@dataclass
+class TeacherConfig:
+    """``fewstep train-teacher``: a UNet2DModel teacher on a DDPM schedule."""
+
+    train: TrainConfig = section(TrainConfig)
+    model: UNetConfig = section(UNetConfig)
+    scheduler: DDPMSchedulerConfig = section(DDPMSchedulerConfig)
+    data: DataConfig = section(DataConfig)
+    eval: dict = option(factory=dict, help="free-form, not read by training")
+
+
+@dataclass
+class MRTrainConfig:
+    """``fewstep train-mr``: an MR restoration model."""
+
+    train: TrainConfig = section(TrainConfig)
+    mr: MRConfig = section(MRConfig)
+    model: UNetConfig = section(UNetConfig)
+    data: DataConfig = section(DataConfig)
+
+
+@dataclass
+class ClassifierConfig:
+    """``fewstep train-classifier``: the FD-fmnist feature network."""
+
+    out: str | None = option(None, "weights file (default: the committed teachers/fmnist/classifier.pt)")
+    steps: int = option(1500, "optimizer steps")
+    batch_size: int = option(128, "examples per step")
+    lr: float = option(2e-3, "peak AdamW learning rate (one-cycle)")
+    seed: int = option(0, "seed of the weights, batches and shifts")
+    root: str | None = option(None, "Fashion-MNIST idx folder (default: Debian's)")
