@@ -28,8 +28,9 @@ result of the last step is never corrected (there is no model call after it).
 Conventions as diffusers' ``UniPCMultistepScheduler`` (and the reference code): UniP-2 uses
 ``a_1 = 1/2`` and UniC-1 ``a_1 = 1/2`` instead of the solved values (both keep the order); with
 ``lower_order_final`` the step ``i`` of ``n`` has order at most ``n - i`` (no "fewer than 15 steps"
-condition, unlike DPM-Solver++). The step to clean data is always first order here (diffusers
-produces NaN there for ``lower_order_final=False``, and for ``bh1``; see tests/test_unipc.py).
+condition, unlike DPM-Solver++). The step to clean data is always first order here: diffusers
+produces NaN / inf there for ``bh1``, for noise prediction and for ``lower_order_final=False``
+(docs/unipc_lms.md).
 
 References are to the theorem / corollary labels of arXiv 2302.04867 (Theorem 3.1: UniC-p has order
 p + 1; Corollary 3.2: UniP-p has order p); the inline equation numbers were not checked against the
