@@ -1,11 +1,6 @@
 """Variable-step linear multistep (Adams-Bashforth) on the PF ODE, as k-diffusion's ``sample_lms``.
 
-Intended registry entry (the lead registers it after the registry rewrite; not registered here):
-
-    name   factory  fixed options  summary
-    "lms"  LMS      {}             "k-diffusion's linear multistep (sample_lms): variable-step AB in sigma_bar, order 4"
-
-with ``order`` (default 4) as an overridable option.
+Registered as ``lms``, with ``order`` (default 4) as an overridable option; its name is k-diffusion's too.
 
 k-diffusion's variables: ``x_bar = x / alpha`` and ``sigma_bar = sigma / alpha`` (its ``sigmas``), where
 the PF ODE is ``d x_bar / d sigma_bar = eps_hat`` (its ``to_d``). Step ``i`` integrates the Lagrange

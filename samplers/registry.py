@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .lms import LMS
 from .momentum import GHVB, HeavyBall
 from .solvers import DDIM, DDPM, PNDM, DPMSolver, DPMSolverPP, Euler, Heun, SDEDPMSolver, SDEDPMSolverPP, Solver
+from .unipc import UniPC
 
 __all__ = ["SamplerSpec", "SAMPLERS", "MR_SAMPLER_SPECS", "ALIASES", "resolve_name", "make_solver"]
 
@@ -43,8 +45,8 @@ def _spec(factory, fixed: dict, summary: str, defaults: dict | None = None, alia
 # Aliases are k-diffusion's sampler names (``k_diffusion.sampling.sample_<name>``, defaults s_churn = 0,
 # eta = 1, s_noise = 1) where its method is ours exactly: same update, same orders on grids that end at
 # clean data. ``euler``, ``heun`` and ``dpmpp_2m`` are spelled alike in both. ``euler_ancestral``'s
-# sigma_up / sigma_down step is the DDPM posterior sample (``ddpm``, variance "small"). Not aliased:
-# ``lms`` (variable-step LMS, not our fixed-step PLMS), ``dpm_2`` / ``dpmpp_2s_ancestral`` / ``dpmpp_sde``
+# sigma_up / sigma_down step is the DDPM posterior sample (``ddpm``, variance "small"); ``lms`` is ours
+# and k-diffusion's name alike. Not aliased: ``dpm_2`` / ``dpmpp_2s_ancestral`` / ``dpmpp_sde``
 # (single-step), ``dpmpp_3m_sde`` (we have no SDE 3M).
 
 _CORE = {
@@ -64,6 +66,9 @@ _CORE = {
                   {"warmup": "heun"}),
     "euler": _spec(Euler, {}, "Euler on the PF ODE in sigma_bar (Karras et al. 2022)"),
     "heun": _spec(Heun, {}, "Heun's 2nd-order method (Karras et al. 2022, Algorithm 1)"),
+    "unipc": _spec(UniPC, {"variant": "bh2"}, "UniPC multistep (Zhao et al. 2023), B(h) = e^h - 1, UniC on; order 1-3"),
+    "unipc_bh1": _spec(UniPC, {"variant": "bh1"}, "UniPC multistep with B(h) = h (bh1), UniC on; order 1-3"),
+    "lms": _spec(LMS, {}, "k-diffusion's linear multistep (sample_lms): variable-step AB in sigma_bar, order 4"),
 }
 
 _MOMENTUM = {

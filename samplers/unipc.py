@@ -1,13 +1,7 @@
 """UniPC (Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
 Models", NeurIPS 2023, arXiv 2302.04867): multistep UniP-p predictor plus the UniC-p corrector.
 
-Intended registry entries (the lead registers them after the registry rewrite; not registered here):
-
-    name         factory  fixed options        summary
-    "unipc"      UniPC    {"variant": "bh2"}   "UniPC multistep (Zhao et al. 2023), B(h) = e^h - 1, UniC on; order 1-3"
-    "unipc_bh1"  UniPC    {"variant": "bh1"}   "UniPC multistep with B(h) = h (bh1), UniC on; order 1-3"
-
-Both take ``order`` (default 2), ``corrector``, ``disable_corrector``, ``lower_order_final`` and
+Registered as ``unipc`` (bh2) and ``unipc_bh1``; both take ``order`` (default 2), ``corrector``, ``disable_corrector``, ``lower_order_final`` and
 ``prediction`` ("data" | "noise") as overridable options.
 
 The update, in log-SNR ``lam = log(alpha / sigma)`` with step ``h = lam' - lam > 0`` (paper sec. 3:
