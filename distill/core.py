@@ -160,6 +160,7 @@ class TrainState:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, nn.Module] = {}
         self.step = self.round = self.step_in_round = 0
+        self.history: list[dict] = []  # the loop's log (kept with the checkpoint)
         for name, net in nets.items():
             if net.trainable:
                 self.modules[name] = net.module.train()
@@ -189,7 +190,7 @@ class TrainState:
 
     def ema(self, name: str) -> nn.Module:
         """The EMA of a trainable network, or the network itself when it has none."""
-        return self.emas.get(name) or self.unwrapped(name)
+        return self.emas[name] if name in self.emas else self.unwrapped(name)
 
     def load_weights(self, name: str, source: nn.Module) -> None:
         """Copy ``source``'s weights into network ``name`` (and reset its EMA to them)."""
@@ -498,7 +499,7 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
     with lock, _deferred_signals() as caught:
         torch.manual_seed(config.seed)  # network initialisation inside the method happens before this
         state = TrainState(method.networks(), accelerator)
-        result = FitResult(state)
+        result = FitResult(state, state.history)
         saved, path = _load_latest(out)
         if saved is not None:
             changed = _changes(saved.get("recipe"), recipe)
@@ -509,7 +510,7 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
                 raise ValueError(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
                                  f"steps {config.steps}; raise steps to continue it or use a new output_dir")
             state.load_state_dict(saved["state"])
-            result.history = saved.get("history", [])
+            state.history[:] = saved.get("history", [])
             result.resumed_from = state.step
             log(f"resuming {out} at step {state.step} (round {state.round}, step {state.step_in_round} in round)")
         stop = config.steps if max_steps is None else min(config.steps, state.step + max_steps)
@@ -561,8 +562,9 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
             if state.step % config.log_every == 0 or state.step == stop:
                 seconds = time.perf_counter() - window_start
+                elapsed = (result.history[-1]["seconds"] if result.history else 0.0) + seconds  # over resumes
                 entry = {"step": state.step, "round": state.round, **{k: v / window_steps for k, v in running.items()},
-                         "steps_per_s": window_steps / max(seconds, 1e-9)}
+                         "steps_per_s": window_steps / max(seconds, 1e-9), "seconds": elapsed}
                 result.history.append(entry)
                 running, window_start, window_steps = {}, time.perf_counter(), 0
             interrupted = caught["signal"] is not None

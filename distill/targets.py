@@ -17,19 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..samplers.denoisers import broadcast_like
+
 __all__ = ["ddim_transfer", "inverse_ddim", "addim_transfer", "progressive_target", "consistency_target",
-           "truncated_snr_weight", "snr_plus_one_weight", "pseudo_huber", "per_example"]
-
-
-def per_example(c, like: Tensor) -> Tensor:
-    """A scalar or ``[B]`` coefficient shaped ``[B, 1, ..., 1]`` to broadcast over ``like [B, *S]``."""
-    c = torch.as_tensor(c, dtype=like.dtype, device=like.device)
-    return c.reshape(-1, *([1] * (like.ndim - 1))) if c.ndim else c
+           "truncated_snr_weight", "snr_plus_one_weight", "pseudo_huber"]
 
 
 def ddim_transfer(x_hat: Tensor, z_t: Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -> Tensor:
     """One deterministic DDIM step ``t -> s`` given the clean estimate ``x_hat`` (MCM eq. 4)."""
-    a_t, s_t, a_s, s_s = (per_example(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s))
+    a_t, s_t, a_s, s_s = (broadcast_like(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s))
     return a_s * x_hat + (s_s / s_t) * (z_t - a_t * x_hat)
 
 
@@ -39,7 +35,7 @@ def inverse_ddim(z_s: Tensor, z_t: Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -
     Needs ``s`` strictly less noisy than ``t`` (``alpha_s / sigma_s > alpha_t / sigma_t``), else the
     denominator ``alpha_s - alpha_t sigma_s / sigma_t`` is not positive and no such ``x`` exists.
     """
-    a_t, s_t, a_s, s_s = (per_example(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s))
+    a_t, s_t, a_s, s_s = (broadcast_like(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s))
     ratio = s_s / s_t
     return (z_s - ratio * z_t) / (a_s - a_t * ratio)
 
@@ -53,10 +49,10 @@ def addim_transfer(x_hat: Tensor, z_t: Tensor, alpha_t, sigma_t, alpha_s, sigma_
     ``|eps_hat|^2`` and ``d`` are per example (not batch-global); the clean term is ``alpha_s x_hat``
     (eq. 14), not ``alpha_t x_hat`` as one public implementation has it.
     """
-    a_t, s_t, a_s, s_s, v = (per_example(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s, x_var))
+    a_t, s_t, a_s, s_s, v = (broadcast_like(c, z_t) for c in (alpha_t, sigma_t, alpha_s, sigma_s, x_var))
     eps_hat = (z_t - a_t * x_hat) / s_t
     d = z_t[0].numel()
-    eps_norm2 = per_example(eps_hat.flatten(1).square().sum(1), z_t).clamp_min(torch.finfo(z_t.dtype).tiny)
+    eps_norm2 = broadcast_like(eps_hat.flatten(1).square().sum(1), z_t).clamp_min(torch.finfo(z_t.dtype).tiny)
     z_var = (a_s - a_t * s_s / s_t) ** 2 * v
     return a_s * x_hat + torch.sqrt(s_s**2 + d / eps_norm2 * z_var) * eps_hat
 
@@ -76,7 +72,7 @@ def progressive_target(x_hat_t: Tensor, x_hat_mid: Tensor, z_t: Tensor, t: tuple
     z_s = ddim_transfer(x_hat_mid, z_mid, *mid, *s)
     target = inverse_ddim(z_s, z_t, *t, *s)
     if last_step is not None:
-        target = torch.where(per_example(last_step, z_t).bool(), x_hat_mid, target)
+        target = torch.where(broadcast_like(torch.as_tensor(last_step), z_t).bool(), x_hat_mid, target)
     return target, z_s
 
 

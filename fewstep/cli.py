@@ -198,6 +198,10 @@ COMMANDS: dict[str, Command] = {
     "train-mr": Command("fewstep.distill.mr_train", "cli",
                         "train a mean-reverting (MR) restoration UNet on the training core (configs/mr_fmnist.yaml)",
                         _add_max_steps, settings=cfg.MRTrainConfig),
+    "distill": Command("fewstep.distill.run", "cli",
+                       "distill a teacher into a few-step student (progressive or multistep consistency) on the "
+                       "training core; exports students as DDPMPipelines (configs/distill/*.yaml)",
+                       _add_max_steps, settings=cfg.DistillConfig),
     "train-classifier": Command("fewstep.eval.classifier", "cli",
                                 "train the Fashion-MNIST classifier whose features give FD-fmnist",
                                 settings=cfg.ClassifierConfig),

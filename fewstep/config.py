@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 __all__ = ["option", "section", "load", "from_dict", "apply_override", "read_yaml", "reject_unknown", "given",
            "help_text", "TrainConfig", "UNetConfig", "DDPMSchedulerConfig", "DataConfig", "MRConfig",
-           "TeacherConfig", "MRTrainConfig", "ClassifierConfig"]
+           "TeacherConfig", "MRTrainConfig", "ClassifierConfig", "ProgressiveConfig", "ConsistencyConfig",
+           "DistillConfig"]
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
@@ -398,3 +399,49 @@ class ClassifierConfig:
     lr: float = option(2e-3, "peak AdamW learning rate (one-cycle)")
     seed: int = option(0, "seed of the weights, batches and shifts")
     root: str | None = option(None, "Fashion-MNIST idx folder (default: Debian's)")
+
+
+# -- distillation (``fewstep distill``)
+
+
+@dataclass
+class ProgressiveConfig:
+    """Progressive distillation (Salimans & Ho 2022), ``progressive:`` section."""
+
+    label: ClassVar[str] = "progressive"
+
+    start_steps: int = option(64, "the first teacher's DDIM steps (a power of two); students halve it each round")
+    end_steps: int = option(1, "the last student's steps (a power of two)")
+    prediction_type: str = option("v_prediction", "student parameterisation: v_prediction or sample (x)")
+    weighting: str = option("truncated_snr", "x-MSE weight: truncated_snr (max(SNR, 1)) or snr_plus_one")
+    anneal: str = option("linear", "learning rate within each round: linear (to 0, as the paper) or constant")
+
+
+@dataclass
+class ConsistencyConfig:
+    """Multistep consistency distillation / training (Heek et al. 2024), ``consistency:`` section."""
+
+    label: ClassVar[str] = "consistency"
+
+    student_steps: int = option(4, "S: segments = the student's sampling steps (1: a consistency model)")
+    teacher_steps: int = option(64, "teacher steps at the start of the anneal")
+    teacher_steps_end: int = option(1280, "teacher steps at its end (capped at the schedule's training steps)")
+    anneal_updates: int = option(100_000, "optimizer steps of the log-linear teacher-step anneal")
+    variant: str = option("distillation", "distillation (teacher step) or training (data only)")
+    prediction_type: str = option("v_prediction", "student parameterisation: v_prediction or sample (x)")
+    huber_c: float = option(1e-4, "pseudo-Huber c")
+    xvar_frac: float = option(0.75, "aDDIM's eta: x_var = eta |x_teacher - x|^2 / d")
+    anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
+
+
+@dataclass
+class DistillConfig:
+    """``fewstep distill``: a few-step student from a diffusers DDPM teacher."""
+
+    method: str = option("progressive", "progressive or consistency")
+    teacher: str | None = option(None, "teacher DDPMPipeline folder (default: the embedded teachers/fmnist)")
+    students_dir: str | None = option(None, "where students are exported (default: train.output_dir/students)")
+    train: TrainConfig = section(TrainConfig)
+    progressive: ProgressiveConfig = section(ProgressiveConfig)
+    consistency: ConsistencyConfig = section(ConsistencyConfig)
+    data: DataConfig = section(DataConfig)

@@ -1,0 +1,197 @@
+"""Distillation on the core: PD and MCM students end to end on a tiny teacher (exported, loaded, equal to
+their diffusers pipeline), exact resume, clear errors; and the exact-teacher toys of research note 9.2 / 9.5."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.config import DistillConfig, from_dict
+from fewstep.distill.consistency import MultistepConsistency
+from fewstep.distill.core import CoreConfig, OptimizerConfig, fit
+from fewstep.distill.progressive import ProgressiveDistillation, halve
+from fewstep.distill.run import distill
+from fewstep.distill.students import load_student, student_sampler
+from fewstep.samplers import ContinuousVPSchedule, ModelDenoiser, Sampler
+from fewstep.samplers.timesteps import TimeUniform
+from fewstep.testbed import ExactDenoiser, GaussianMixture
+
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                 norm_num_groups=4)
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path):
+    """A randomly initialised 8x8 DDPM teacher saved as a DDPMPipeline (64 training timesteps)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    path = tmp_path / "teacher"
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET, dropout=0.1), scheduler=DDPMScheduler(num_train_timesteps=64)).save_pretrained(path)
+    return path
+
+
+def _config(tiny_teacher, idx_folder, out, **sections):
+    values = {"teacher": str(tiny_teacher),
+              "train": {"output_dir": str(out), "steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 1,
+                        "log_every": 1, "progress": False, "cpu": True, "ema_decay": 0.0},
+              "data": {"name": "fashion_mnist", "root": str(idx_folder), "size": 8}}
+    for key, value in sections.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(DistillConfig, values)
+
+
+def test_pd_exports_one_student_per_round_and_each_equals_its_diffusers_pipeline(tiny_teacher, idx_folder, tmp_path):
+    from diffusers import DDPMPipeline
+
+    config = _config(tiny_teacher, idx_folder, tmp_path / "pd", progressive={"start_steps": 8})
+    paths = distill(config)
+    assert [p.name for p in paths] == ["progressive-4", "progressive-2", "progressive-1"]
+    assert (tmp_path / "pd" / "training_curves.png").is_file()
+    for path, steps in zip(paths, (4, 2, 1)):
+        sampler = load_student(path)
+        assert sampler.nfe == steps
+        pipe = DDPMPipeline.from_pretrained(path)
+        g = torch.Generator().manual_seed(1)
+        ours = sampler.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+        theirs = pipe(batch_size=2, generator=g, num_inference_steps=steps, output_type="np").images
+        ours01 = ((ours.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        assert abs(ours01 - theirs).max() < 1e-5, path.name
+        assert sampler.student["training"]["updates"] == {4: 2, 2: 4, 1: 6}[steps]
+
+
+def test_mcm_exports_a_student_of_its_segment_count(tiny_teacher, idx_folder, tmp_path):
+    config = _config(tiny_teacher, idx_folder, tmp_path / "mcm", method="consistency",
+                     consistency={"student_steps": 2, "teacher_steps": 4, "teacher_steps_end": 16,
+                                  "anneal_updates": 4})
+    (path,) = distill(config)
+    assert path.name == "consistency-2" and load_student(path).nfe == 2
+
+
+@pytest.mark.parametrize("method,options", [("progressive", {"progressive": {"start_steps": 4}}),
+                                            ("consistency", {"consistency": {"student_steps": 2, "teacher_steps": 4}})])
+def test_an_interrupted_distillation_resumes_bitwise_across_a_round(tiny_teacher, idx_folder, tmp_path, method, options):
+    # accumulation 2 and a teacher (and so student) with dropout 0.1; PD with start 4: rounds of 3 steps (2, 1 steps)
+    def run(out, max_steps=None):
+        config = _config(tiny_teacher, idx_folder, out, method=method, **options,
+                         train={"gradient_accumulation_steps": 2})
+        distill(config, max_steps=max_steps)
+        return torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=False)["state"]["networks"]
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "split", max_steps=4)  # past PD's round boundary at step 3
+    resumed = run(tmp_path / "split")
+    for name, weights in whole.items():
+        for key, value in weights.items():
+            assert torch.equal(resumed[name][key], value), (name, key)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"progressive": {"start_steps": 6}}, "power of two"),
+    ({"progressive": {"start_steps": 4, "prediction_type": "epsilon"}}, "eps-parameterised student"),
+    ({"method": "consistency", "consistency": {"student_steps": 1, "prediction_type": "epsilon"}}, "eps-parameterised"),
+    ({"method": "distillation"}, "unknown distillation method"),
+    ({"teacher": "/no/such/teacher"}, "not a diffusers pipeline folder"),
+])
+def test_bad_distillation_configs_fail_clearly(tiny_teacher, idx_folder, tmp_path, change, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        distill(_config(tiny_teacher, idx_folder, tmp_path / "bad", **change))
+
+
+def test_unknown_keys_and_a_flow_matching_teacher_are_refused(tiny_teacher, idx_folder, tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        from_dict(DistillConfig, {"progressive": {"start_step": 8}})
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+    pipe = DDPMPipeline.from_pretrained(tiny_teacher)
+    flow = tmp_path / "flow"
+    DDPMPipeline(unet=pipe.unet, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(flow)
+    with pytest.raises(ValueError, match="DDPM-family"):
+        distill(_config(flow, idx_folder, tmp_path / "bad"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact-teacher toys (note 9.2 / 9.5): a 1-D two-mode mixture, its closed-form denoiser as the teacher.
+
+MIXTURE = GaussianMixture(torch.tensor([[-2.0], [2.0]]), 0.25)
+SCHEDULE = ContinuousVPSchedule("cosine")
+
+
+class TimeMLP(nn.Module):
+    """A small MLP on (x, log-SNR(t)) predicting v."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, 1))
+
+    def forward(self, x, t):
+        lam = SCHEDULE.log_snr(t.double()).float().reshape(-1, 1).expand(len(x), 1)
+        return self.net(torch.cat([x, lam / 5], 1))
+
+
+class MixtureData(torch.utils.data.Dataset):
+    def __init__(self, n=4096):
+        self.x = MIXTURE.sample(n, torch.Generator().manual_seed(1)).float()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _w1(samples):
+    data = MIXTURE.sample(len(samples), torch.Generator().manual_seed(9)).float()
+    return float((samples.flatten().sort().values - data.flatten().sort().values).abs().mean())
+
+
+def _toy_config(tmp_path, steps):
+    return CoreConfig(output_dir=str(tmp_path), steps=steps, batch_size=512, seed=0, checkpoint_every=steps,
+                      log_every=steps, progress=False, cpu=True)
+
+
+def test_pd_toy_halves_an_exact_teacher_down_to_one_step(tmp_path):
+    teacher = ExactDenoiser(MIXTURE, SCHEDULE)
+    students = {}
+
+    def keep(steps, module, grid, state):
+        students[steps] = (copy.deepcopy(module), grid)
+
+    torch.manual_seed(0)
+    method = ProgressiveDistillation(teacher, "x0", SCHEDULE, start_steps=16, end_steps=1, student=TimeMLP(),
+                                     timesteps=TimeUniform(), on_student=keep,
+                                     optim=OptimizerConfig(lr=2e-3, anneal="linear"))
+    result = fit(method, _toy_config(tmp_path, 4 * 1500), MixtureData(), log=lambda *_: None)
+    keep(*method.final_student(result.state))
+    z = torch.randn(4000, 1, generator=torch.Generator().manual_seed(2))
+    for steps, (module, grid) in sorted(students.items()):
+        w1 = _w1(student_sampler(ModelDenoiser(module, SCHEDULE, "v_prediction"), grid).sample(z))
+        ddim = _w1(student_sampler(teacher, grid).sample(z.double()).float())  # the teacher on the same grid
+        print(f"PD toy: {steps} steps: student W1 {w1:.3f}, exact-teacher DDIM {ddim:.3f}")
+        assert w1 < 0.2
+        if steps <= 2:  # where DDIM collapses towards the mean, the student does not
+            assert w1 < 0.25 * ddim
+
+
+def test_mcm_toy_students_against_ddim_at_the_same_nfe(tmp_path):
+    teacher = ExactDenoiser(MIXTURE, SCHEDULE)
+    z = torch.randn(4000, 1, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for steps in (1, 2, 4):
+        torch.manual_seed(0)
+        method = MultistepConsistency(teacher, "x0", SCHEDULE, student_steps=steps, teacher_steps=16,
+                                      teacher_steps_end=64, anneal_updates=1500, student=TimeMLP(),
+                                      timesteps=TimeUniform(), huber_c=1e-3, optim=OptimizerConfig(lr=2e-3))
+        result = fit(method, _toy_config(tmp_path / str(steps), 3000), MixtureData(), log=lambda *_: None)
+        _, module, grid, _ = method.final_student(result.state)
+        w1 = _w1(student_sampler(ModelDenoiser(module, SCHEDULE, "v_prediction"), grid).sample(z))
+        ddim = _w1(student_sampler(teacher, grid).sample(z.double()).float())
+        results[steps] = w1
+        print(f"MCM toy: S={steps}: student W1 {w1:.3f}, exact-teacher DDIM {ddim:.3f}")
+        assert w1 < ddim
+    assert results[1] < 0.4  # DDIM-1 collapses to the mean (W1 ~2)
