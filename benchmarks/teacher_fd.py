@@ -11,7 +11,8 @@ finite-N bias our generated sets also carry). With ``--samples-dir`` each sample
 is saved and reused, so a second run (another extractor, another process) does not sample again.
 ``--time-shift WINDOW CUTOFF`` samples through model-time Time-Shift (``TimeShiftDenoiser``) instead;
 ``--data-variance auto`` gives it the training images' mean per-image variance (default 0, as the
-official code).
+official code). ``--students DIR ...`` also scores distilled students (``fewstep distill`` exports) on the
+same seeds, in a table of their own with their training cost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fewstep.data import load_images
+from fewstep.distill.students import load_student
 from fewstep.eval.classifier import DEFAULT_WEIGHTS
 from fewstep.eval.features import FeatureExtractor
 from fewstep.eval.stats import RunningStats, frechet_distance
@@ -72,6 +74,7 @@ def main(argv=None):
     p.add_argument("--time-shift", type=float, nargs=2, metavar=("WINDOW", "CUTOFF"), default=None)
     p.add_argument("--data-variance", default="0", help="a number, or 'auto' (training images)")
     p.add_argument("--save-reference", default=None, help="write the FD-fmnist test statistics here")
+    p.add_argument("--students", nargs="*", default=[], metavar="DIR", help="student folders to score as well")
     args = p.parse_args(argv)
     from diffusers import DDPMPipeline
 
@@ -116,6 +119,17 @@ def main(argv=None):
                 cells.append(f"{fd(stats_of(features_of(fx, images)), ref):.2f}")
             print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s last cell)",
                   flush=True)
+        if args.students:
+            print(f"\n| student | NFE | {label} | training updates | training wall time |")
+            print("|---|---|---|---|---|")
+        for folder in args.students:
+            student = load_student(folder)
+            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+            with torch.no_grad():
+                images = torch.cat([student.sample(x) for x in x_T.split(250)]).clamp(-1, 1)
+            cost = student.student.get("training", {})
+            print(f"| {Path(folder).name} | {student.nfe} | {fd(stats_of(features_of(fx, images)), ref):.2f} | "
+                  f"{cost.get('updates', '?')} | {cost.get('wall_seconds', 0) / 60:.0f} min |", flush=True)
 
 
 if __name__ == "__main__":

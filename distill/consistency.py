@@ -145,8 +145,8 @@ class MultistepConsistency(Method):
 
     def train_step(self, ctx, batch):
         grid = self.grid_at(ctx.step)
-        point = torch.randint(0, grid.n_steps, (batch.shape[0],), generator=ctx.generator)
-        noise = torch.randn(batch.shape, generator=ctx.generator).to(batch.device)
+        point = ctx.randint(grid.n_steps, batch.shape[0])
+        noise = ctx.randn(*batch.shape)
         teacher = (student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)
                    if self.teacher is not None else None)
         student = student_denoiser(ctx.net("student"), self.schedule, self.prediction_type)

@@ -260,6 +260,23 @@ class StepContext:
     def device(self) -> torch.device:
         return self.state.accelerator.device
 
+    def _global_rows(self, local_rows: int) -> tuple[int, slice]:
+        acc = self.state.accelerator
+        start = acc.process_index * local_rows
+        return local_rows * acc.num_processes, slice(start, start + local_rows)
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normal noise for this process's rows of the micro-batch (``shape[0]`` = local rows).
+        Drawn for the whole micro-batch from a generator every process shares, then sliced, so N processes
+        use the noise one process would (the global RNG, e.g. dropout, stays per process)."""
+        rows, mine = self._global_rows(shape[0])
+        return torch.randn((rows, *shape[1:]), generator=self.generator)[mine].to(self.device)
+
+    def randint(self, high: int, rows: int) -> Tensor:
+        """``rows`` integers in ``[0, high)`` for this process's rows, drawn like ``randn``."""
+        total, mine = self._global_rows(rows)
+        return torch.randint(0, high, (total,), generator=self.generator)[mine]
+
     def net(self, name: str) -> nn.Module:
         return self.state.net(name)
 
@@ -545,9 +562,9 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
             for micro in range(config.accumulation):
                 # The batch first: a DataLoader iterator draws its own seed from the global RNG when created.
                 batch = _first(next(loader)) if loader is not None else None
-                seed = _seed(config.seed, state.step, micro, accelerator.process_index)
-                torch.manual_seed(seed)
-                generator = torch.Generator(device="cpu").manual_seed(seed)
+                # The global RNG (dropout) differs per process; ``generator`` (the method's noise) is shared.
+                torch.manual_seed(_seed(config.seed, state.step, micro, accelerator.process_index))
+                generator = torch.Generator(device="cpu").manual_seed(_seed(config.seed, state.step, micro, 0))
                 ctx = StepContext(state, config, rounds, generator, micro)
                 with accelerator.autocast():
                     step_losses = method.train_step(ctx, batch)
@@ -566,6 +583,10 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
                 entry = {"step": state.step, "round": state.round, **{k: v / window_steps for k, v in running.items()},
                          "steps_per_s": window_steps / max(seconds, 1e-9), "seconds": elapsed}
                 result.history.append(entry)
+                if bar is None and accelerator.is_main_process:  # no bar: one line per log entry
+                    losses_text = ", ".join(f"{k} {v / window_steps:.4g}" for k, v in running.items())
+                    log(f"step {state.step}/{config.steps} (round {state.round}): {losses_text}, "
+                        f"{entry['steps_per_s']:.2f} steps/s")
                 running, window_start, window_steps = {}, time.perf_counter(), 0
             interrupted = caught["signal"] is not None
             if state.step % config.checkpoint_every == 0 or state.step == stop or interrupted:

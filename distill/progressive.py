@@ -153,8 +153,8 @@ class ProgressiveDistillation(Method):
     def train_step(self, ctx, batch):
         grid = self.teacher_grid(ctx.round)
         n = grid.n_steps // 2
-        index = torch.randint(0, n, (batch.shape[0],), generator=ctx.generator)
-        noise = torch.randn(batch.shape, generator=ctx.generator).to(batch.device)
+        index = ctx.randint(n, batch.shape[0])
+        noise = ctx.randn(*batch.shape)
         if ctx.round == 0:
             teacher = student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)
         else:

@@ -22,7 +22,7 @@ from fewstep.data import load_images
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit
 from .progressive import ProgressiveDistillation
-from .students import export_student
+from .students import diffusers_reproducible, export_student
 
 __all__ = ["METHODS", "distill", "core_settings", "plot_history", "cli"]
 
@@ -88,8 +88,14 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
     exported: list[Path] = []
 
     def on_student(steps: int, module, grid, state) -> None:
+        prediction_type = getattr(config, config.method).prediction_type
+        if not diffusers_reproducible(scheduler_config, grid, prediction_type):
+            print(f"not exporting the {steps}-step student: diffusers' DDIM cannot visit its grid "
+                  f"({scheduler_config.get('num_train_timesteps', 1000)}"
+                  f" training steps / {steps} is not an integer)")
+            return
         info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state)}
-        exported.append(export_student(module, scheduler_config, grid, getattr(config, config.method).prediction_type,
+        exported.append(export_student(module, scheduler_config, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info))
 
     torch.manual_seed(core.seed)

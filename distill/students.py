@@ -21,7 +21,7 @@ from ..samplers import Denoiser, ModelDenoiser, Sampler
 from ..samplers.schedules import DiscreteVPSchedule
 from ..samplers.timesteps import ExplicitTimesteps, Grid
 
-__all__ = ["STUDENT_FILE", "export_student", "load_student", "student_denoiser", "student_sampler"]
+__all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "student_denoiser", "student_sampler"]
 
 STUDENT_FILE = "fewstep_student.json"
 
@@ -49,6 +49,14 @@ def _ddim_config(teacher_scheduler_config: dict, prediction_type: str) -> dict:
     config = {k: teacher_scheduler_config[k] for k in _SCHEDULE_KEYS if k in teacher_scheduler_config}
     return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 0,
             "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}
+
+
+def diffusers_reproducible(teacher_scheduler_config: dict, grid: Grid, prediction_type: str = "v_prediction") -> bool:
+    """Whether a ``DDPMPipeline`` with diffusers' DDIM can run exactly this student grid."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**_ddim_config(dict(teacher_scheduler_config), prediction_type))
+    return _diffusers_grid_matches(scheduler, [float(t) for t in grid.t[:-1].tolist()])
 
 
 def _diffusers_grid_matches(scheduler, times: list[float]) -> bool:
