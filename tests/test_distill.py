@@ -178,6 +178,7 @@ def test_pd_toy_halves_an_exact_teacher_down_to_one_step(tmp_path):
             assert w1 < 0.25 * ddim
 
 
+@pytest.mark.slow  # ~100 s alone on 2 cores
 def test_mcm_toy_students_against_ddim_at_the_same_nfe(tmp_path):
     teacher = ExactDenoiser(MIXTURE, SCHEDULE)
     z = torch.randn(4000, 1, generator=torch.Generator().manual_seed(2))
