@@ -27,8 +27,8 @@ def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tenso
     Out-of-range values are clipped; NaN raises (a silent black pixel would bias the FD)."""
     if not torch.is_floating_point(x):
         raise ValueError(f"to_uint8 expects a float tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or inf (did the sampler diverge?)")
+    if torch.isnan(x).any():
+        raise ValueError("images contain NaN (did the sampler diverge?)")
     lo, hi = value_range
     if not hi > lo:
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
@@ -45,8 +45,7 @@ def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tenso
 VALUE_RANGES = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0)}
 
 _CONVERT = ("declare the range (--range -1,1 or --range 0,1; value_range=(-1, 1) or (0, 1) in Python), or "
-            "convert to uint8 first: ((x + 1) * 127.5).round().to(torch.uint8) for [-1, 1], "
-            "(x * 255).round().to(torch.uint8) for [0, 1]")
+            "convert to uint8 first: fewstep.io.to_uint8(x, (-1, 1)) or to_uint8(x, (0, 1))")
 
 
 def parse_value_range(text) -> tuple[float, float]:
