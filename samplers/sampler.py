@@ -157,9 +157,11 @@ class Sampler:
 
         def checked(x, t):
             pred = self.denoiser(x, t)
-            raw = pred._x0 if pred._x0 is not None else pred._eps  # what the model returned, unconverted
-            finite.append(torch.isfinite(raw).all())
-            times.append(t)
+            raw = getattr(pred, "_x0", None)  # what the model returned, unconverted (no extra conversion)
+            raw = raw if raw is not None else getattr(pred, "_eps", None)
+            if raw is not None:
+                finite.append(torch.isfinite(raw).all())
+                times.append(t)
             return pred
 
         bar = None
