@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -138,13 +137,32 @@ def _weights_identity(path: Path | None, module: torch.nn.Module) -> str:
     return f"sha256:{h.hexdigest()[:16]}"
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` saying why it cannot be used here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"bad device {device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but no CUDA GPU is available "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device 'mps' requested but MPS is not available; use --device cpu")
+    return device
+
+
 # ---------------------------------------------------------------------------------------------
 # Input contract
 
 
 def prepare_images(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
-    """``[B, C, H, W]`` uint8 (kept) or float in ``value_range`` (quantised by ``to_uint8``) ->
-    ``[B, 3, H, W]`` uint8; one channel is repeated to three (as EDM does for grayscale)."""
+    """``[B, C, H, W]`` uint8 (kept) or float in ``value_range`` (quantised by ``to_uint8``, which clips a
+    sampler's overshoot as EDM does) -> ``[B, 3, H, W]`` uint8; one channel is repeated to three (as EDM
+    does for grayscale). Floats beyond the range by more than its width are on another scale (``[0, 255]``
+    floats for ``[-1, 1]``) and refused, as are NaN and inf. Image *data* goes through the stricter
+    ``fewstep.io.images_to_uint8`` in the sources first."""
     if not torch.is_tensor(images):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4:
@@ -156,9 +174,13 @@ def prepare_images(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0
         x = images
     elif torch.is_floating_point(images):
         lo, hi = value_range
-        if images.numel() and images.abs().max() > 20 * max(abs(lo), abs(hi)):
-            warnings.warn(f"float images reach {images.abs().max().item():.3g}, far outside {value_range}; "
-                          "pass uint8 for [0, 255] data", stacklevel=3)
+        if images.numel():
+            if not torch.isfinite(images).all():
+                raise ValueError("images contain NaN or inf (did the sampler diverge?)")
+            low, high = images.min().item(), images.max().item()
+            if low < lo - (hi - lo) or high > hi + (hi - lo):
+                raise ValueError(f"float images have values in [{low:.4g}, {high:.4g}], far outside their range "
+                                 f"{list(value_range)}; pass uint8 for [0, 255] data, or declare the range")
         x = to_uint8(images, value_range)
     else:
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
@@ -174,7 +196,8 @@ class FeatureExtractor:
 
     ``name``: a registered extractor; ``layer``: its feature (default: the one it uses for FID);
     ``weights``: a local file (Inception: see ``inception_weights``; others: passed to the extractor as
-    ``feature_extractor_weights_path``); ``value_range``: the range of float inputs, quantised EDM's way.
+    ``feature_extractor_weights_path``; the file an extractor loads by default is hashed the same way, so
+    one file has one identity); ``value_range``: the range of float inputs, quantised EDM's way.
     """
 
     def __init__(self, name: str = "inception-v3-compat", layer: str | None = None, weights: str | Path | None = None,
@@ -189,6 +212,7 @@ class FeatureExtractor:
         if layer not in cls.get_provided_features_list():
             raise ValueError(f"extractor {name!r} has no feature {layer!r}; "
                              f"it provides {cls.get_provided_features_list()}")
+        device = _check_device(device)
         path = None
         if name == "inception-v3-compat":
             path = inception_weights(weights, download)
@@ -201,6 +225,9 @@ class FeatureExtractor:
         self.name, self.layer, self.device, self.value_range = name, layer, torch.device(device), tuple(value_range)
         resize = EXTRACTORS[name][1] if name in EXTRACTORS else RESIZE.get(name, f"{name}-internal")
         quantisation = EDM_UINT8 if self.value_range == (-1.0, 1.0) else f"uint8{list(self.value_range)}"
+        # the file the extractor loaded by default (``ExtractorBase.load_net``) is hashed like a named one,
+        # so the same weights have one identity whether or not ``weights=`` names them
+        path = path or getattr(self.module, "weights_path", None)
         self.protocol = Protocol(extractor=name, layer=layer, weights=_weights_identity(path, self.module),
                                  resize=resize, quantisation=quantisation)
 
@@ -254,6 +281,7 @@ class ExtractorBase(FeatureExtractorBase):
             raise FileNotFoundError(missing)
         self.net = make()
         self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.weights_path = Path(path)  # the protocol's weights identity hashes this file
         self.net.eval().requires_grad_(False)
 
     def extract(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface

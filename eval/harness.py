@@ -5,7 +5,11 @@
     ref = reference_stats(FolderSource("data/cifar10-train"), fx, cache_dir="~/.cache/fewstep")
     result = score(gen, ref, kid_subset_size=100)      # Score(fd=..., kid=..., protocol=...)
 
-Sources yield image batches (uint8 or float in the extractor's range) and say who they are:
+The input contract. Data sources (``TensorSource``, ``DatasetSource``, ``FolderSource``) yield uint8:
+they take uint8 as it is, floats only with a declared ``value_range`` that the values must fit
+(``fewstep.io.images_to_uint8``), and 16-bit files scaled to 8 bits. ``SamplerSource`` yields the
+sampler's floats in ``[-1, 1]``, quantised EDM's way (clipped) by the extractor.
+Sources say who they are:
 ``identity`` (a content hash, for reference caching) and ``seeds``. ``SamplerSource`` draws ``x_T``
 per seed (``torch.Generator().manual_seed(seed)``), so an image depends on its seed only: the same
 seeds give the same initial noise at every NFE, and any batch split or process shard gives the
@@ -21,6 +25,8 @@ import hashlib
 import io
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fewstep.data import IMAGE_EXTENSIONS, image_files, read_image
-from fewstep.io import atomic_write_bytes
+from fewstep.io import atomic_write_bytes, images_to_uint8
 
 from .features import FeatureExtractor
 from .protocol import Protocol
@@ -74,11 +80,15 @@ class ImageSource:
 
 
 class TensorSource(ImageSource):
-    """Images in one tensor ``[N, C, H, W]`` (uint8, or float in the extractor's range)."""
+    """Images in one tensor ``[N, C, H, W]``: uint8, or floats with their ``value_range`` declared
+    (``(-1, 1)`` or ``(0, 1)``), converted to uint8 once here (``fewstep.io.images_to_uint8``; so the
+    same images score, and cache, the same in either form)."""
 
-    def __init__(self, images: Tensor, batch_size: int = 64, name: str = "tensor"):
+    def __init__(self, images: Tensor, batch_size: int = 64, name: str = "tensor",
+                 value_range: tuple[float, float] | None = None):
         if not torch.is_tensor(images):
             raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        images = images_to_uint8(images, value_range, f"images in {name}")
         self.images, self.batch_size, self.name = images, int(batch_size), name
         self._identity: str | None = None
 
@@ -98,7 +108,7 @@ class TensorSource(ImageSource):
         return self._identity
 
     def shard(self, rank: int, world: int) -> "TensorSource":
-        out = TensorSource(self.images[rank::world], self.batch_size, self.name)
+        out = TensorSource(self.images[rank::world], self.batch_size, self.name)  # uint8 already
         out._identity = self._identity
         return out
 
@@ -121,10 +131,13 @@ class DatasetSource(ImageSource):
     """A map-style dataset (torch ``Dataset``, torchvision data set, list) of images or ``(image, label)``;
     ``limit`` keeps the first ``limit`` items. The identity hashes every image (one extra pass over the
     data, cheap next to feature extraction); ``trust_name=True`` uses ``name`` and the index range
-    instead, for data sets known to be immutable."""
+    instead, for data sets known to be immutable. Float items (torchvision's ``ToTensor`` gives
+    ``[0, 1]``) need ``value_range``, as ``TensorSource``."""
 
-    def __init__(self, dataset, name: str, batch_size: int = 64, limit: int | None = None, trust_name: bool = False):
+    def __init__(self, dataset, name: str, batch_size: int = 64, limit: int | None = None, trust_name: bool = False,
+                 value_range: tuple[float, float] | None = None):
         self.dataset, self.name, self.batch_size, self.trust_name = dataset, name, int(batch_size), trust_name
+        self.value_range = value_range
         self.indices = range(min(len(dataset), limit) if limit else len(dataset))
         self._identity: str | None = None
 
@@ -134,7 +147,8 @@ class DatasetSource(ImageSource):
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
             idx = self.indices[start:start + self.batch_size]
-            yield torch.stack([_item_image(self.dataset[i]) for i in idx])
+            batch = torch.stack([_item_image(self.dataset[i]) for i in idx])
+            yield images_to_uint8(batch, self.value_range, f"items {idx.start}..{idx.stop - 1} of data set {self.name}")
 
     @property
     def identity(self) -> str:
@@ -154,8 +168,9 @@ class DatasetSource(ImageSource):
 
 
 class FolderSource(ImageSource):
-    """Image files in a folder (sorted; ``recursive`` for subfolders), read as uint8 RGB. The identity
-    hashes every file's relative path and bytes, so an edited folder never hits a stale cache."""
+    """Image files in a folder (sorted; ``recursive`` for subfolders), read as uint8 RGB (16-bit files
+    scaled to 8 bits, ``fewstep.data.read_image``); every image must have the first one's size. The
+    identity hashes every file's relative path and bytes, so an edited folder never hits a stale cache."""
 
     def __init__(self, folder: str | Path, batch_size: int = 64, recursive: bool = False, limit: int | None = None):
         self.folder = Path(folder).expanduser()
@@ -172,14 +187,17 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def __iter__(self):
+        first = None  # (name, shape) of the first image: every image is checked against it
         for start in range(0, len(self.files), self.batch_size):
             batch = []
             for p in self.files[start:start + self.batch_size]:
                 batch.append(read_image(p))
-                if batch[-1].shape != batch[0].shape:
+                if first is None:
+                    first = (p.name, batch[-1].shape)
+                elif batch[-1].shape != first[1]:
                     raise ValueError(f"images in {self.folder} differ in size: {p.name} is "
-                                     f"{tuple(batch[-1].shape[1:])}, {self.files[start].name} is "
-                                     f"{tuple(batch[0].shape[1:])}; resize them to one size first")
+                                     f"{tuple(batch[-1].shape[1:])}, {first[0]} is {tuple(first[1][1:])}; "
+                                     "resize them to one size first")
             yield torch.stack(batch)
 
     @property
@@ -296,12 +314,19 @@ class FeatureStats:
         N unknown = 0); ``source`` then names the file by content. With ``protocol``, raises
         ``ProtocolMismatch`` unless the file's feature protocol is the same."""
         path = Path(path).expanduser()
-        with np.load(path) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(z.files)})")
-            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-            stored = Protocol.from_dict(json.loads(str(z["protocol"]))) if "protocol" in z else None
-            source = str(z["source"]) if "source" in z else ""
+        if not path.is_file():
+            raise FileNotFoundError(f"no such statistics file: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if not hasattr(z, "files"):
+                    raise ValueError("it holds one array, not named arrays")
+                if "mu" not in z or "sigma" not in z:
+                    raise ValueError(f"it has no 'mu' and 'sigma' arrays (keys: {sorted(z.files)})")
+                mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+                stored = Protocol.from_dict(json.loads(str(z["protocol"]))) if "protocol" in z else None
+                source = str(z["source"]) if "source" in z else ""
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not FD statistics (an .npz with 'mu' and 'sigma'): {err}") from None
         if stored is None:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
             stored = (assume or Protocol()).replace(seeds=None)
@@ -438,15 +463,25 @@ def reference_stats(source: ImageSource, extractor: FeatureExtractor, cache_dir:
     path = cache / f"{key}.npz"
     feat_path = cache / f"{key}.features.pt"
     if path.is_file() and (not keep_features or feat_path.is_file()):
-        stats = FeatureStats.load(path)
-        stats.protocol.check_same_features(extractor.protocol, f"cached reference {path}")
-        if keep_features:
-            stats.features = torch.load(feat_path, weights_only=True)
-        return stats
+        try:
+            stats = FeatureStats.load(path)
+            if keep_features:
+                stats.features = torch.load(feat_path, weights_only=True)
+        except Exception as err:  # a torn or foreign file: never fatal, never silently used
+            warnings.warn(f"cached reference statistics {path} are unreadable ({err}); recomputing them "
+                          f"(delete {path} if this repeats)", RuntimeWarning, stacklevel=2)
+        else:
+            stats.protocol.check_same_features(extractor.protocol, f"cached reference {path}")
+            return stats
     stats = compute_stats(source, extractor, keep_features=keep_features, progress=progress)
-    if keep_features:
-        buf = io.BytesIO()
-        torch.save(stats.features, buf)
-        atomic_write_bytes(feat_path, buf.getvalue())
-    stats.save(path)
+    try:
+        if keep_features:
+            buf = io.BytesIO()
+            torch.save(stats.features, buf)
+            atomic_write_bytes(feat_path, buf.getvalue())
+        stats.save(path)
+    except OSError as err:  # read-only or full cache folder: the score stands, only the cache is lost
+        warnings.warn(f"reference statistics not cached: cannot write to {cache} ({err.strerror or err}); "
+                      "scored anyway (set --cache-dir or $FEWSTEP_CACHE to a writable folder)",
+                      RuntimeWarning, stacklevel=2)
     return stats

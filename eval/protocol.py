@@ -87,8 +87,9 @@ class Protocol:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def describe(self) -> str:
-        """One line for logs and table footers."""
+        """One line for logs and table footers (``N`` only when it is known: ``n > 0``)."""
         seeds = f", seeds {self.seeds[0]}..{self.seeds[1] - 1}" if self.seeds else ""
         ref = f", reference {self.reference}" if self.reference else ""
+        n = f", N={self.n}" if self.n else ""  # 0: not a count (a feature space, or a bare .npz)
         return (f"{self.extractor}[{self.layer}] weights {self.weights}, resize {self.resize}, "
-                f"{self.quantisation}, N={self.n}{seeds}{ref}")
+                f"{self.quantisation}{n}{seeds}{ref}")

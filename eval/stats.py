@@ -30,7 +30,7 @@ from torch import Tensor
 __all__ = [
     "RunningStats", "merge_all", "all_reduce_stats", "frechet_distance", "frechet_distance_eigvals",
     "trace_sqrt_product",
-    "kernel_distance", "precision_recall",
+    "kernel_distance", "precision_recall", "format_fd",
 ]
 
 _F64 = torch.float64
@@ -200,6 +200,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def format_fd(value: float, digits: int = 6) -> str:
+    """``value`` with ``digits`` decimals, a round-off negative that would print as ``-0.000...`` shown as
+    ``0.000...`` (FD is >= 0; the float64 trace terms cancel to ~1e-12). A negative large enough to show a
+    nonzero digit is printed as it is: that is a bug to see, not to hide."""
+    if value is not None and -0.5 * 10.0 ** -digits < value < 0:
+        value = 0.0
+    return f"{value:.{digits}f}"
 
 
 def frechet_distance_eigvals(mu1, sigma1, mu2, sigma2) -> float:

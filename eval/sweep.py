@@ -13,14 +13,19 @@ run), ``results.md`` (FD per sampler x NFE, min / mean +- std over repeats), ``f
 Models (``model``): ``"testbed"`` / ``{kind: testbed, ...}`` is a Gaussian mixture over images with its
 exact denoiser (no network); ``{kind: factory, target: "module:function", kwargs: {...}}`` calls a
 function returning ``(denoiser, shape)`` -- a teacher, or a student exposed as a denoiser. References
-(``reference``): ``"model"`` (data drawn from the testbed), an image folder, a ``.pt`` uint8 tensor
-``[N, C, H, W]``, or a ``.npz`` of ``mu`` / ``sigma`` (EDM's, or ours with a stored protocol).
+(``reference``): ``"model"`` (data drawn from the testbed), an image folder (8- or 16-bit files), a ``.pt``
+tensor ``[N, C, H, W]`` (uint8, or float with ``value_range`` ``"-1,1"`` / ``"0,1"`` declared), or a ``.npz``
+of ``mu`` / ``sigma`` (EDM's, or ours with a stored protocol).
+
+Outputs are written (atomically) as every cell finishes; running the same sweep into the same ``out``
+again skips the cells already there, and a folder computed under other settings is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib
+import io
 import json
 import math
 import sys
@@ -32,11 +37,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fewstep.io import to_uint8
+from fewstep.io import atomic_write_bytes, to_uint8
 
 from .features import FeatureExtractor
 from .harness import (FeatureStats, FolderSource, SamplerSource, Score, TensorSource, compute_stats,
                       reference_stats, score)
+from .protocol import Protocol
+from .stats import format_fd
 
 __all__ = ["SweepConfig", "SweepRun", "run_sweep", "write_outputs", "load_model", "sweep_main", "fid_main"]
 
@@ -57,6 +64,7 @@ class SweepConfig:
     extractor: str = "inception-v3-compat"
     layer: str | None = None
     weights: str | None = None
+    value_range: str | None = None
     timesteps: str | None = None
     kid_subset_size: int | None = None
     prc_k: int | None = None
@@ -120,7 +128,10 @@ def load_model(spec) -> tuple[Any, tuple[int, ...], Any]:
 
 
 def _load_images_pt(path: Path) -> torch.Tensor:
-    images = torch.load(path, weights_only=True)
+    try:
+        images = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a torn or foreign file: pickle, zip and torch errors alike
+        raise ValueError(f"cannot read {path} as a torch tensor file: {type(err).__name__}: {err}") from None
     if not torch.is_tensor(images):
         raise ValueError(f"{path} must hold one image tensor [N, C, H, W]")
     return images
@@ -144,48 +155,131 @@ def load_stats(spec, fx: FeatureExtractor, cfg: SweepConfig, mixture=None, shape
             raise ValueError(f"KID / precision-recall need reference features; {path} holds only mu and sigma")
         return FeatureStats.load(path, fx.protocol)
     if path.suffix == ".pt":
-        return reference_stats(TensorSource(_load_images_pt(path), cfg.batch_size, path.name), fx, cfg.cache_dir,
-                               keep_features)
+        from fewstep.io import parse_value_range
+
+        value_range = parse_value_range(cfg.value_range) if cfg.value_range is not None else None
+        return reference_stats(TensorSource(_load_images_pt(path), cfg.batch_size, path.name, value_range), fx,
+                               cfg.cache_dir, keep_features)
+    if not path.exists() and path.suffix in (".npz", ".pt", ""):
+        raise FileNotFoundError(f"reference {spec!r}: no such file or folder")
     raise ValueError(f"reference {spec!r}: expected 'model', an image folder, a .pt image tensor or a .npz")
 
 
 # ---------------------------------------------------------------------------------------------
 # The sweep
 
+#: Settings a sweep's numbers depend on: a folder computed under other values is refused, not resumed.
+RESUME_KEYS = ("model", "reference", "n", "seed", "n_reference", "extractor", "layer", "weights", "timesteps",
+               "value_range", "kid_subset_size", "prc_k")
 
-def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print) -> tuple[list[SweepRun], dict]:
-    """Run every (repeat, sampler, NFE) cell; returns the runs and ``{(sampler, nfe): first images}``."""
-    from fewstep.samplers.sampler import Sampler
 
+def check_out(out: str | Path) -> Path:
+    """Make ``out`` and prove it writable (a probe file), before any cell is computed."""
+    import tempfile
+
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe."):
+            pass
+    except OSError as err:
+        raise ValueError(f"output folder {out} is not writable ({err.strerror or err}); choose another --out") from None
+    return out
+
+
+def _config_doc(cfg: SweepConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+
+
+def _run_from_doc(r: dict) -> SweepRun:
+    score_ = None
+    if r.get("fd") is not None:
+        extra = {"note": r["score_note"]} if r.get("score_note") else {}
+        score_ = Score(r["fd"], Protocol.from_dict(r["protocol"]), r["n_reference"], r.get("kid_mean"),
+                       r.get("kid_std"), r.get("precision"), r.get("recall"), extra=extra)
+    return SweepRun(r["sampler"], r["nfe"], r["repeat"], r.get("steps"), score_, r.get("seconds", 0.0),
+                    r.get("note", ""))
+
+
+def previous_runs(out: Path, cfg: SweepConfig, protocol: Protocol) -> list[SweepRun]:
+    """The scored runs already in ``out/results.json``, if it was computed under the same settings
+    (``RESUME_KEYS``) and protocol (features, N, reference); ``ValueError`` naming what differs otherwise."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        old_cfg, runs = doc["config"], [_run_from_doc(r) for r in doc["runs"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable sweep result ({err}); delete it or choose another --out") from None
+    new_cfg = _config_doc(cfg)
+    diff = [f"{k}: {old_cfg.get(k)!r} != {new_cfg.get(k)!r}" for k in RESUME_KEYS if old_cfg.get(k) != new_cfg.get(k)]
+    scored = [r for r in runs if r.score is not None]
+    if scored:
+        diff += scored[0].score.protocol.replace(seeds=None).differences(
+            protocol.replace(seeds=None), ("extractor", "layer", "weights", "resize", "quantisation", "n", "reference"))
+    if diff:
+        raise ValueError(f"{out} holds a sweep computed under another protocol ({'; '.join(diff)}); resuming would "
+                         "mix numbers that cannot be compared: choose another --out or delete that folder")
+    return scored
+
+
+def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print,
+              out: str | Path | None = None) -> tuple[list[SweepRun], dict]:
+    """Run every (repeat, sampler, NFE) cell; returns the runs and ``{(sampler, nfe): first images}``.
+
+    With ``out``: the folder is checked writable before anything is computed, cells already in it (same
+    settings and protocol, ``previous_runs``) are kept and not recomputed, and the outputs are rewritten
+    (atomically) after every cell, so an interrupted sweep loses at most the cell it was in. A sweep in
+    which no cell could be computed raises ``ValueError`` (and writes nothing)."""
+    from fewstep.samplers.registry import resolve_name
+    from fewstep.samplers.sampler import NFEUnreachable, Sampler
+
+    out = check_out(out) if out is not None else None
+    names = [resolve_name(n) for n in cfg.samplers]  # aliases name the same cell
     fx = fx or FeatureExtractor(cfg.extractor, cfg.layer, cfg.weights, cfg.device)
     denoiser, shape, mixture = load_model(cfg.model)
     need_features = cfg.kid_subset_size is not None or cfg.prc_k is not None
     ref = load_stats(cfg.reference, fx, cfg, mixture, shape, keep_features=need_features)
-    log(f"reference: {ref.source} (N={ref.n}); {fx.protocol.describe()}")
+    log(f"reference: {ref.source}, N={ref.n or 'unknown'}; features: {fx.protocol.describe()}")
+    expected = fx.protocol.replace(n=cfg.n, reference=ref.source or "unnamed")
+    done = {(r.sampler, r.nfe, r.repeat): r for r in previous_runs(out, cfg, expected)} if out is not None else {}
+    if done:
+        log(f"resuming: {len(done)} cell(s) already in {out}")
     runs, grids = [], {}
     kwargs = {"timesteps": cfg.timesteps} if cfg.timesteps else {}
-    for r in range(cfg.repeats):
+    cells = [(r, name, nfe) for r in range(cfg.repeats) for name in names for nfe in cfg.nfe]
+    for r, name, nfe in cells:
         seeds = range(cfg.seed + r * cfg.n, cfg.seed + (r + 1) * cfg.n)
-        for name in cfg.samplers:
-            for nfe in cfg.nfe:
-                t0 = time.perf_counter()
-                try:
-                    sampler = Sampler.for_nfe(denoiser, name, nfe, **kwargs)
-                except ValueError as err:
-                    runs.append(SweepRun(name, nfe, r, None, None, 0.0, str(err)))
-                    log(f"  {name:>12} NFE {nfe:>3}: skipped ({err})")
-                    continue
-                source = SamplerSource(sampler, seeds, shape, cfg.batch_size, device=cfg.device,
-                                       name=f"{name}-nfe{nfe}")
-                if r == 0 and cfg.grid_images:  # the first images, from the same seeds in every cell
-                    first = SamplerSource(sampler, range(cfg.seed, cfg.seed + cfg.grid_images), shape, cfg.grid_images)
-                    grids[(name, nfe)] = next(iter(first)).clamp(-1, 1)
-                gen = compute_stats(source, fx, keep_features=need_features)
-                s = score(gen, ref, cfg.kid_subset_size, prc_k=cfg.prc_k)
-                runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0))
-                log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {s.fd:.4f}"
-                    + (f", KID {s.kid_mean:.5f}" if s.kid_mean is not None else "")
-                    + f" ({runs[-1].seconds:.1f} s)")
+        t0 = time.perf_counter()
+        try:
+            sampler = Sampler.for_nfe(denoiser, name, nfe, **kwargs)  # other errors end the sweep, named
+        except NFEUnreachable as err:
+            runs.append(SweepRun(name, nfe, r, None, None, 0.0, str(err)))
+            log(f"  {name:>12} NFE {nfe:>3}: skipped ({err})")
+            continue
+        if r == 0 and cfg.grid_images:  # the first images, from the same seeds in every cell
+            first = SamplerSource(sampler, range(cfg.seed, cfg.seed + cfg.grid_images), shape, cfg.grid_images)
+            grids[(name, nfe)] = next(iter(first)).clamp(-1, 1)
+        if (name, nfe, r) in done:
+            runs.append(done.pop((name, nfe, r)))
+            log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {format_fd(runs[-1].score.fd, 4)} (already computed)")
+            continue
+        source = SamplerSource(sampler, seeds, shape, cfg.batch_size, device=cfg.device, name=f"{name}-nfe{nfe}")
+        gen = compute_stats(source, fx, keep_features=need_features)
+        s = score(gen, ref, cfg.kid_subset_size, prc_k=cfg.prc_k)
+        runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0))
+        log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {format_fd(s.fd, 4)}"
+            + (f", KID {s.kid_mean:.5f}" if s.kid_mean is not None else "")
+            + f" ({runs[-1].seconds:.1f} s)")
+        if out is not None:
+            write_outputs(cfg, runs + list(done.values()), grids, out)
+    runs += list(done.values())  # cells of an earlier sweep into this folder that this one does not list
+    if not any(r.score is not None for r in runs):
+        notes = "; ".join(dict.fromkeys(r.note for r in runs if r.note)) or "no cells"
+        raise ValueError(f"no cell of the sweep could be computed ({notes})")
+    if out is not None:
+        write_outputs(cfg, runs, grids, out)
     return runs, grids
 
 
@@ -209,8 +303,31 @@ def aggregate(runs: Sequence[SweepRun]) -> list[dict]:
     return out
 
 
+CSV_FIELDS = ["sampler", "nfe", "repeat", "steps", "fd", "kid_mean", "kid_std", "precision", "recall", "n",
+              "seed_start", "seed_stop", "n_reference", "extractor", "layer", "weights", "reference", "seconds",
+              "note"]
+
+
+def _csv_text(runs: Sequence[SweepRun]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in runs:
+        s = r.score
+        p = s.protocol if s else None
+        w.writerow({"sampler": r.sampler, "nfe": r.nfe, "repeat": r.repeat, "steps": r.steps,
+                    "fd": s and s.fd, "kid_mean": s and s.kid_mean, "kid_std": s and s.kid_std,
+                    "precision": s and s.precision, "recall": s and s.recall, "n": p and p.n,
+                    "seed_start": p and p.seeds[0], "seed_stop": p and p.seeds[1],
+                    "n_reference": s and (s.n_reference or None), "extractor": p and p.extractor,
+                    "layer": p and p.layer, "weights": p and p.weights, "reference": p and p.reference,
+                    "seconds": round(r.seconds, 3), "note": r.note})
+    return buf.getvalue()
+
+
 def write_outputs(cfg: SweepConfig, runs: Sequence[SweepRun], grids: dict, out: str | Path | None = None) -> Path:
-    """``results.json``, ``results.csv``, ``results.md``, ``fd_vs_nfe.png``, ``samples.png`` in ``out``."""
+    """``results.json``, ``results.csv``, ``results.md``, ``fd_vs_nfe.png``, ``samples.png`` in ``out``, each
+    written atomically (a reader, or a killed sweep, never sees a torn file)."""
     out = Path(out or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     scored = [r for r in runs if r.score is not None]
@@ -218,29 +335,26 @@ def write_outputs(cfg: SweepConfig, runs: Sequence[SweepRun], grids: dict, out: 
     for r in scored[1:]:
         r.score.protocol.check_comparable(protocol)  # one table, one protocol
     agg = aggregate(runs)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
-    doc = {"config": config, "protocol": protocol.to_dict() if protocol else None,
+    doc = {"config": _config_doc(cfg), "protocol": protocol.to_dict() if protocol else None,
            "runs": [{"sampler": r.sampler, "nfe": r.nfe, "repeat": r.repeat, "steps": r.steps, "seconds": r.seconds,
-                     "note": r.note, **(r.score.to_dict() if r.score else {})} for r in runs],
+                     "note": r.note, **_score_doc(r.score)} for r in runs],
            "aggregate": agg}
-    (out / "results.json").write_text(json.dumps(doc, indent=2))
-    fields = ["sampler", "nfe", "repeat", "steps", "fd", "kid_mean", "kid_std", "precision", "recall", "n",
-              "seed_start", "seed_stop", "n_reference", "seconds", "note"]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        for r in runs:
-            s = r.score
-            w.writerow({"sampler": r.sampler, "nfe": r.nfe, "repeat": r.repeat, "steps": r.steps,
-                        "fd": s and s.fd, "kid_mean": s and s.kid_mean, "kid_std": s and s.kid_std,
-                        "precision": s and s.precision, "recall": s and s.recall, "n": s and s.protocol.n,
-                        "seed_start": s and s.protocol.seeds[0], "seed_stop": s and s.protocol.seeds[1],
-                        "n_reference": s and s.n_reference, "seconds": round(r.seconds, 3), "note": r.note})
-    (out / "results.md").write_text(markdown_table(cfg, agg, protocol))
+    atomic_write_bytes(out / "results.json", json.dumps(doc, indent=2).encode())
+    atomic_write_bytes(out / "results.csv", _csv_text(runs).encode())
+    atomic_write_bytes(out / "results.md", markdown_table(cfg, agg, protocol).encode())
     plot_fd_vs_nfe(agg, out / "fd_vs_nfe.png", protocol)
     if grids:
         plot_samples(grids, out / "samples.png")
     return out
+
+
+def _score_doc(s: Score | None) -> dict:
+    if s is None:
+        return {}
+    d = s.to_dict()
+    if "note" in d:  # the score's own note (small N) must not overwrite the run's
+        d["score_note"] = d.pop("note")
+    return d
 
 
 def markdown_table(cfg: SweepConfig, agg: Sequence[dict], protocol) -> str:
@@ -252,8 +366,8 @@ def markdown_table(cfg: SweepConfig, agg: Sequence[dict], protocol) -> str:
         if row is None or "fd_min" not in row:
             return "-"
         if row["repeats"] > 1:
-            return f"{row['fd_min']:.3f} ({row['fd_mean']:.3f} ± {row['fd_std']:.3f})"
-        return f"{row['fd_min']:.3f}"
+            return f"{format_fd(row['fd_min'], 3)} ({format_fd(row['fd_mean'], 3)} ± {row['fd_std']:.3f})"
+        return format_fd(row["fd_min"], 3)
 
     lines = ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|" + "---|" * len(nfes)]
@@ -288,8 +402,16 @@ def plot_fd_vs_nfe(agg: Sequence[dict], path: Path, protocol=None) -> None:
         ax.set_title(f"{protocol.extractor}[{protocol.layer}], N={protocol.n}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_samples(grids: dict, path: Path) -> None:
@@ -313,8 +435,7 @@ def plot_samples(grids: dict, path: Path) -> None:
         ax.set_axis_off()
         ax.set_title(f"{key[0]} NFE {key[1]}", fontsize=7, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,27 +443,47 @@ def plot_samples(grids: dict, path: Path) -> None:
 
 
 def _fail(command: str, err: Exception) -> int:
+    """One line on stderr, exit status 2 (bad input: the user's to fix, not a crash)."""
     print(f"fewstep {command}: error: {err}", file=sys.stderr)
-    return 1
+    return 2
+
+
+def _input_errors() -> tuple[type, ...]:
+    """What bad input raises on its way through the harness: reported as one line, never a traceback."""
+    from .features import WeightsUnavailable
+
+    return (WeightsUnavailable, ValueError, OSError)  # ProtocolMismatch, ImageReadError are ValueErrors
+
+
+def _print_notes(caught) -> None:
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
 
 
 def sweep_main(**opts) -> int:
-    """``fewstep sweep``: run a sweep and write its outputs."""
-    from .features import WeightsUnavailable
+    """``fewstep sweep``: run a sweep, writing its outputs as every cell finishes (and resuming from them)."""
+    import warnings
 
-    try:
-        cfg = SweepConfig.from_options(**opts)
-        runs, grids = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
-    except (WeightsUnavailable, ValueError) as err:  # ProtocolMismatch is a ValueError
-        return _fail("sweep", err)
-    out = write_outputs(cfg, runs, grids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cfg = SweepConfig.from_options(**opts)
+            runs, grids = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr), out=cfg.out)
+        except _input_errors() as err:
+            _print_notes(caught)
+            return _fail("sweep", err)
+    _print_notes(caught)
+    out = Path(cfg.out).expanduser()
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.{{json,csv,md}}, fd_vs_nfe.png" + (", samples.png" if grids else ""))
     return 0
 
 
-def _stats_of(path: str, fx: FeatureExtractor, batch_size: int, keep: bool, cache_dir, cache: bool) -> FeatureStats:
+def _stats_of(path: str, fx: FeatureExtractor, batch_size: int, keep: bool, cache_dir, cache: bool,
+              value_range=None) -> FeatureStats:
     p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {p}")
     if p.suffix == ".npz":
         if keep:
             raise ValueError(f"KID / precision-recall need features; {p} holds only mu and sigma")
@@ -350,7 +491,7 @@ def _stats_of(path: str, fx: FeatureExtractor, batch_size: int, keep: bool, cach
     if p.is_dir():
         source = FolderSource(p, batch_size)
     elif p.suffix == ".pt":
-        source = TensorSource(_load_images_pt(p), batch_size, p.name)
+        source = TensorSource(_load_images_pt(p), batch_size, p.name, value_range)
     else:
         raise ValueError(f"{path}: expected an image folder, a .pt image tensor or a .npz of mu/sigma")
     if cache:
@@ -361,27 +502,37 @@ def _stats_of(path: str, fx: FeatureExtractor, batch_size: int, keep: bool, cach
 def fid_main(gen: str, ref: str, extractor: str = "inception-v3-compat", layer: str | None = None,
              weights: str | None = None, batch_size: int = 64, kid_subset_size: int | None = None,
              prc_k: int | None = None, device: str = "cpu", cache_dir: str | None = None, save: str | None = None,
-             json_out: bool = False) -> int:
+             json_out: bool = False, value_range: str | None = None) -> int:
     """``fewstep fid``: FD (KID, P/R) between two image sets or statistics files; ``--save`` writes the
-    generated side's statistics (``.npz`` with its protocol)."""
-    from .features import WeightsUnavailable
+    generated side's statistics (``.npz`` with its protocol). Float ``.pt`` tensors need ``--range``.
+    Bad input (a missing path, an unreadable image or file, a float tensor of unknown range, a device
+    that is not there) is one line on stderr and exit status 2; cache trouble is a note, never fatal."""
+    import warnings
 
-    try:
-        fx = FeatureExtractor(extractor, layer, weights, device)
-        keep = kid_subset_size is not None or prc_k is not None
-        g = _stats_of(gen, fx, batch_size, keep, cache_dir, cache=False)
-        r = _stats_of(ref, fx, batch_size, keep, cache_dir, cache=True)
-        if save:
-            g.save(save)
-        s = score(g, r, kid_subset_size, prc_k=prc_k)
-    except (WeightsUnavailable, ValueError) as err:  # ProtocolMismatch is a ValueError
-        return _fail("fid", err)
+    from fewstep.io import parse_value_range
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            vr = parse_value_range(value_range) if value_range is not None else None
+            fx = FeatureExtractor(extractor, layer, weights, device)
+            keep = kid_subset_size is not None or prc_k is not None
+            g = _stats_of(gen, fx, batch_size, keep, cache_dir, cache=False, value_range=vr)
+            r = _stats_of(ref, fx, batch_size, keep, cache_dir, cache=True, value_range=vr)
+            if save:
+                g.save(save)
+            s = score(g, r, kid_subset_size, prc_k=prc_k)
+        except _input_errors() as err:
+            _print_notes(caught)
+            return _fail("fid", err)
+    _print_notes(caught)
     if json_out:
         print(json.dumps(s.to_dict(), indent=2))
     else:
-        print(f"FD {s.fd:.6f}" + (f"  KID {s.kid_mean:.6f} ± {s.kid_std:.6f}" if s.kid_mean is not None else "")
+        print(f"FD {format_fd(s.fd)}" + (f"  KID {s.kid_mean:.6f} ± {s.kid_std:.6f}" if s.kid_mean is not None else "")
               + (f"  precision {s.precision:.4f} recall {s.recall:.4f}" if s.precision is not None else ""))
-        print(f"protocol: {s.protocol.describe()} (reference N={s.n_reference})")
+        n_ref = f"N={s.n_reference}" if s.n_reference else "N unknown (statistics without a count)"
+        print(f"protocol: {s.protocol.describe()} (reference {n_ref})")
         if "note" in s.extra:
             print(f"note: {s.extra['note']}")
     return 0

@@ -60,6 +60,27 @@ def _int_at_least(low: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def _value_range(text: str) -> str:
+    """``--range``: ``-1,1`` or ``0,1`` (checked here, parsed by ``fewstep.io.parse_value_range``)."""
+    key = str(text).replace(" ", "").strip("[]()")
+    if key not in ("-1,1", "0,1"):
+        raise argparse.ArgumentTypeError(f"range must be -1,1 or 0,1, got {text!r}")
+    return key
+
+
+_value_range.__name__ = "range"
+
+
+def _check_samplers(names) -> None:
+    """Registry names or aliases (``registry.resolve_name``), or a ``ValueError`` listing the known ones."""
+    from fewstep.samplers.registry import ALIASES, SAMPLERS
+
+    unknown = [n for n in names if n not in SAMPLERS and n not in ALIASES]
+    if unknown:
+        raise ValueError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SAMPLERS)} "
+                         f"(aliases: {', '.join(ALIASES)})")
+
+
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", nargs="+", type=_int_at_least(1, "NFE"), metavar="N",
                    help="numbers of model calls, one table column each (default: 5 10 20)")
@@ -77,26 +98,23 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_demo(opts: dict) -> None:
     """Validate demo options (also those from a config file) before the job starts."""
-    from fewstep.samplers.registry import SAMPLERS
     from fewstep.samplers.timesteps import make_timesteps
 
     nfe = opts.get("nfe", [5])
     if (not isinstance(nfe, (list, tuple)) or not nfe
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfe)):
         raise ValueError(f"NFE must be integers >= 1, got {nfe!r}")
-    names = opts.get("samplers") or []
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown:
-        raise ValueError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SAMPLERS)}")
+    _check_samplers(opts.get("samplers") or [])
     if opts.get("timesteps") is not None:
         make_timesteps(opts["timesteps"])  # raises ValueError naming the known grids
 
 
 def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen", required=True, metavar="PATH",
-                   help="generated images: a folder, a .pt uint8 tensor [N, C, H, W], or a .npz of mu/sigma")
+                   help="generated images: a folder (8- or 16-bit PNG/JPEG...), a .pt tensor [N, C, H, W] (uint8; "
+                        "float needs --range), or a .npz of mu/sigma")
     p.add_argument("--ref", required=True, metavar="PATH",
-                   help="reference: a folder, a .pt image tensor, or a .npz (EDM's fid-refs, or saved by --save); "
+                   help="reference: the same kinds, or a .npz (EDM's fid-refs, or saved by --save); "
                         "image references are cached by content")
     _add_extractor_arguments(p)
     p.add_argument("--save", metavar="FILE.npz", help="write the generated side's statistics (with their protocol)")
@@ -111,6 +129,9 @@ def _add_extractor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE",
                    help="local extractor weights (Inception: else $FEWSTEP_INCEPTION_WEIGHTS, else torch hub's cache "
                         "or download)")
+    p.add_argument("--range", dest="value_range", type=_value_range, metavar="-1,1|0,1",
+                   help="value range of float .pt image tensors: -1,1 (diffusion outputs) or 0,1 (torchvision "
+                        "ToTensor); floats outside it are refused, floats without it too (uint8 needs none)")
     p.add_argument("--batch-size", type=_int_at_least(1, "batch-size"), help="images per batch (default: 64)")
     p.add_argument("--kid-subset-size", type=_int_at_least(2, "kid-subset-size"),
                    help="also compute KID with subsets of this size (needs that many images on both sides)")
@@ -135,12 +156,11 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_sweep(opts: dict) -> None:
     """Validate sweep options (also those from a config file) before the job starts."""
-    from fewstep.samplers.registry import SAMPLERS
+    from fewstep.samplers.timesteps import make_timesteps
 
-    names = opts.get("samplers") or []
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown:
-        raise ValueError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SAMPLERS)}")
+    _check_samplers(opts.get("samplers") or [])
+    if opts.get("timesteps") is not None:
+        make_timesteps(opts["timesteps"])  # a misspelt grid is a usage error, not a sweep of skipped cells
     nfe = opts.get("nfe", [1])
     if (not isinstance(nfe, (list, tuple)) or not nfe
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfe)):
@@ -288,14 +308,56 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A ``--config`` value typed as its flag would be: through the flag's ``type`` (so ``dim: 0`` and
+    ``seed: abc`` fail as ``--dim 0`` and ``--seed abc`` do), one item made a list for ``nargs='+'``
+    (``samplers: ddim``). Values of flags without a type (mappings such as ``model``) pass as they are."""
+    many = action.nargs in ("+", "*")
+    if many and not isinstance(value, (list, tuple)):
+        value = [value]
+    if not many and isinstance(value, (list, tuple)):
+        raise ValueError(f"expected one value, got the list {value!r}")
+    if action.type is None or value is None:
+        return value
+
+    def one(v):
+        if isinstance(v, (dict, list, tuple)) or isinstance(v, bool):
+            raise ValueError(f"expected a {getattr(action.type, '__name__', 'value')}, got {v!r}")
+        try:
+            return action.type(v if isinstance(v, str) else str(v))
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            raise ValueError(str(err) if isinstance(err, argparse.ArgumentTypeError)
+                             else f"invalid {getattr(action.type, '__name__', 'value')} value: {v!r}") from None
+
+    return [one(v) for v in value] if many else one(value)
+
+
 def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """A flag command's ``--config``: a YAML mapping whose keys are the flags' dests."""
+    """A flag command's ``--config``: a YAML mapping whose keys are the flags' dests, each value typed and
+    checked exactly as the flag's (``_config_value``)."""
     data = cfg.read_yaml(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     try:
-        cfg.reject_unknown(data, {a.dest for a in parser._actions} - {"help", "config"})
+        cfg.reject_unknown(data, set(actions))
+        for key in list(data):
+            try:
+                data[key] = _config_value(actions[key], data[key])
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
     except ValueError as err:
         raise ValueError(f"config {path}: {err}") from None
     return data
+
+
+def _join_range(argv: Sequence[str]) -> list[str]:
+    """``--range -1,1`` -> ``--range=-1,1`` (argparse takes ``-1,1`` for an option, not a value)."""
+    out, args = [], list(argv)
+    for i, a in enumerate(args):
+        if i and args[i - 1] == "--range" and out and out[-1] == "--range":
+            out[-1] = f"--range={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def _options(cmd: Command, parser: argparse.ArgumentParser, args: dict) -> tuple[list, dict]:
@@ -312,7 +374,7 @@ def _options(cmd: Command, parser: argparse.ArgumentParser, args: dict) -> tuple
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(_join_range(sys.argv[1:] if argv is None else argv)))
     name = args.pop("command")
     cmd, sub = COMMANDS[name], subparsers[name]
     try:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DEBIAN_FASHION_MNIST", "IMAGE_EXTENSIONS", "read_idx", "load_fashion_mnist", "load_images", "preprocess",
-           "image_files", "read_image"]
+           "image_files", "read_image", "ImageReadError"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -103,13 +103,36 @@ def image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(p for p in Path(folder).glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
-    """One image file as uint8 RGB ``[3, H, W]``."""
-    from PIL import Image
+class ImageReadError(ValueError):
+    """An image file that cannot be read (corrupt, truncated, or of an unsupported kind); names the file."""
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """One image file as uint8 RGB ``[3, H, W]``. 16-bit files (PNG modes ``I;16``/``I``) are scaled
+    ``65535 -> 255`` (rounded), never clipped; a corrupt or truncated file raises ``ImageReadError``
+    naming it."""
+    from PIL import Image
+    import numpy as np
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, with its name
+            if im.mode.startswith("I;16") or im.mode == "I":
+                wide = np.asarray(im).astype(np.int64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise ImageReadError(f"{path}: {im.mode} pixels outside [0, 65535]")
+                gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+                pixels = torch.from_numpy(np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2)))
+                return pixels.permute(2, 0, 1).contiguous()
+            if im.mode == "F":
+                raise ImageReadError(f"{path}: float-valued image (mode F) has no defined pixel range; "
+                                     "save it as 8- or 16-bit")
+            im = im.convert("RGB")
+            pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways of failing
+        raise ImageReadError(f"cannot read image {path}: {err} (corrupt or truncated? replace or remove it)") from None
     return pixels.reshape(im.size[1], im.size[0], 3).permute(2, 0, 1)
 
 

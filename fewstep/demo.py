@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from fewstep.samplers.registry import SAMPLERS
-from fewstep.samplers.sampler import Sampler
+from fewstep.samplers.registry import ALIASES, SAMPLERS, resolve_name
+from fewstep.samplers.sampler import NFEUnreachable, Sampler
 from fewstep.samplers.schedules import DiscreteVPSchedule
 from fewstep.samplers.timesteps import check_steps, make_timesteps
 from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution, sliced_wasserstein
@@ -76,14 +76,15 @@ class DemoResult:
 
 
 def check_samplers(names: Sequence[str]) -> tuple[str, ...]:
-    """Registry names, validated (``ValueError`` naming the known ones otherwise)."""
-    names = tuple(names)
-    unknown = [n for n in names if n not in SAMPLERS]
+    """Registry names (aliases resolved), validated (``ValueError`` naming the known ones otherwise)."""
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in SAMPLERS and n not in ALIASES]
     if unknown:
-        raise ValueError(f"unknown sampler(s) {unknown}; expected some of {list(SAMPLERS)}")
+        raise ValueError(f"unknown sampler(s) {unknown}; expected some of {list(SAMPLERS)} (aliases: {list(ALIASES)})")
     if not names:
         raise ValueError("no samplers given")
-    return names
+    return tuple(dict.fromkeys(resolve_name(n) for n in names))  # an alias is its registry entry
 
 
 def _rmse(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -130,7 +131,7 @@ def run_demo(nfes: Sequence[int] = DEFAULT_NFES, samplers: Sequence[str] = DEFAU
             t0 = time.perf_counter()
             try:
                 sampler = Sampler.for_nfe(denoiser, name, nfe, **kwargs)
-            except ValueError:
+            except NFEUnreachable:  # any other error is the user's to see
                 rows.append(DemoRow(name, nfe, None, SAMPLERS[name].make().stochastic, None, None, 0.0))
                 continue
             x0 = sampler.sample(x_T, generator=torch.Generator().manual_seed(seed + 1))

@@ -1,6 +1,8 @@
 """Writing images and files, one way for the whole suite.
 
 - ``to_uint8``: float images -> uint8 pixels with EDM's quantisation (``generate.py``).
+- ``images_to_uint8``: the input contract for image *data* (tensors, data sets, files): uint8 as is, or
+  floats in a declared ``value_range`` that they must fit; anything else is refused with how to convert.
 - ``save_grid``: images in ``[-1, 1]`` as one PNG grid (``nrow`` per row, 1-pixel padding).
 - ``atomic_write`` (and ``atomic_write_bytes``, ``atomic_save``): write a temporary file beside the
   target, fsync, then rename it over the target, so a killed process never leaves a torn file.
@@ -16,7 +18,7 @@ from typing import IO, Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "save_grid", "atomic_write", "atomic_write_bytes", "atomic_save"]
+__all__ = ["to_uint8", "images_to_uint8", "parse_value_range", "VALUE_RANGES", "save_grid", "atomic_write", "atomic_write_bytes", "atomic_save"]
 
 
 def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
@@ -36,6 +38,51 @@ def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tenso
         scale = 255.0 / (hi - lo)
         y = (x - lo) * scale + 0.5
     return y.clip(0, 255).to(torch.uint8)
+
+
+#: The float ranges images come in: ``[-1, 1]`` (diffusion models, ``fewstep.data.preprocess``) and
+#: ``[0, 1]`` (torchvision's ``ToTensor``), by the names ``--range`` takes.
+VALUE_RANGES = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0)}
+
+_CONVERT = ("declare the range (--range -1,1 or --range 0,1; value_range=(-1, 1) or (0, 1) in Python), or "
+            "convert to uint8 first: fewstep.io.to_uint8(x, (-1, 1)) or to_uint8(x, (0, 1))")
+
+
+def parse_value_range(text) -> tuple[float, float]:
+    """``"-1,1"`` / ``"0,1"`` (or a pair) -> ``(low, high)``; anything else raises ``ValueError``."""
+    if isinstance(text, (tuple, list)) and tuple(map(float, text)) in VALUE_RANGES.values():
+        return tuple(map(float, text))
+    key = str(text).replace(" ", "").strip("[]()")
+    if key not in VALUE_RANGES:
+        raise ValueError(f"value range must be one of {', '.join(VALUE_RANGES)}, got {text!r}")
+    return VALUE_RANGES[key]
+
+
+def images_to_uint8(images: Tensor, value_range: tuple[float, float] | None = None, what: str = "images") -> Tensor:
+    """Image data -> uint8, refusing what is ambiguous. uint8 passes unchanged. Floats need a declared
+    ``value_range`` and must lie inside it (up to float round-off), then are quantised by ``to_uint8``
+    (exact for data that came from uint8: ``k / 255`` and ``k / 127.5 - 1`` both return ``k``). Other
+    dtypes (int64, uint16, bool) and non-finite values are refused; ``what`` names the input in messages."""
+    if images.dtype == torch.uint8:
+        return images
+    if not torch.is_floating_point(images):
+        raise ValueError(f"{what} are {images.dtype}; expected uint8 [0, 255] or float with a declared range. "
+                         "For 16-bit data: (x.float() / 65535 * 255).round().to(torch.uint8); for 8-bit values "
+                         "in a wider integer type: x.to(torch.uint8)")
+    if images.numel() == 0:
+        return images.to(torch.uint8)
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    lo_seen, hi_seen = images.min().item(), images.max().item()
+    if value_range is None:
+        raise ValueError(f"{what} are {images.dtype} with values in [{lo_seen:.4g}, {hi_seen:.4g}] and no declared "
+                         f"range, so their scale is ambiguous; {_CONVERT}")
+    lo, hi = value_range
+    slack = 1e-4 * (hi - lo)  # float round-off of a conversion, never a different scale
+    if lo_seen < lo - slack or hi_seen > hi + slack:
+        raise ValueError(f"{what} have values in [{lo_seen:.4g}, {hi_seen:.4g}], outside the declared range "
+                         f"[{lo:g}, {hi:g}]; {_CONVERT}")
+    return to_uint8(images, value_range)
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> str:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,15 @@ from .schedules import DiscreteVPSchedule, Schedule
 from .solvers import NoiseFn, Solver
 from .timesteps import DiffusersSpacing, Grid, LogSNRUniform, Timesteps, check_steps, make_timesteps
 
-__all__ = ["Sampler", "default_timesteps", "run_solver", "randn_noise", "sigma_bar_at"]
+__all__ = ["Sampler", "NFEUnreachable", "NonFiniteModelOutput", "default_timesteps", "run_solver", "randn_noise", "sigma_bar_at"]
+
+
+class NFEUnreachable(ValueError):
+    """The solver runs, but no number of steps spends exactly the asked number of model calls."""
+
+
+class NonFiniteModelOutput(RuntimeWarning):
+    """The model returned NaN or inf during sampling (``Sampler.sample`` names the first such call)."""
 
 
 def default_timesteps(schedule: Schedule) -> Timesteps:
@@ -98,19 +107,32 @@ class Sampler:
         return len(self.plan)
 
     @classmethod
-    def for_nfe(cls, denoiser: Denoiser, solver: str | Solver, nfe: int, **kwargs) -> "Sampler":
-        """The sampler with exactly ``nfe`` model calls (raises if the solver cannot spend that many)."""
+    def for_nfe(cls, denoiser: Denoiser, solver: str | Solver, nfe: int, timesteps: str | Timesteps | None = None,
+                **kwargs) -> "Sampler":
+        """The sampler with exactly ``nfe`` model calls. ``NFEUnreachable`` when the solver runs but no
+        number of steps spends exactly that many; any other error (an unknown sampler, timestep grid or
+        option, a bad option value) is raised as it is, never hidden behind the NFE."""
         nfe = check_steps(nfe)
+        options = {k: v for k, v in kwargs.items() if k != "final"}
+        make_solver(solver, **options)  # unknown names and bad options fail here, with their own message
+        if timesteps is not None:
+            make_timesteps(timesteps)
+        first_error = None
+        built = False
         for steps in range(nfe, 0, -1):
             try:
-                candidate = cls(denoiser, solver, steps=steps, **kwargs)
-            except ValueError:
+                candidate = cls(denoiser, solver, steps=steps, timesteps=timesteps, **kwargs)
+            except ValueError as err:  # some step counts may not exist on a grid; others may
+                first_error = first_error or err
                 continue
+            built = True
             if candidate.nfe == nfe:
                 return candidate
             if candidate.nfe < nfe:
                 break
-        raise ValueError(f"sampler {solver!r} cannot be run with exactly {nfe} model calls")
+        if not built and first_error is not None:
+            raise first_error  # no step count works at all: the cause is not the NFE
+        raise NFEUnreachable(f"sampler {solver!r} cannot be run with exactly {nfe} model calls")
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, generator: torch.Generator | None = None, noise: NoiseFn | None = None,
@@ -123,19 +145,41 @@ class Sampler:
         """
         if not torch.is_tensor(x_T) or x_T.ndim < 1:
             raise ValueError("x_T must be a batched tensor")
+        if not torch.is_floating_point(x_T):
+            raise ValueError(f"x_T must be a floating-point tensor, got {x_T.dtype} (integer noise would be "
+                             "sampled and returned as truncated integers); pass x_T.float()")
+        if not torch.isfinite(x_T).all():
+            raise ValueError("x_T contains NaN or inf; every sample from it would be NaN")
         dtype = x_T.dtype
         x = x_T.float() if dtype in (torch.float16, torch.bfloat16) else x_T  # solver math in >= fp32
         noise = noise if noise is not None else randn_noise(generator)
+        finite, times = [], []  # per model call: a 0-d bool tensor (no device sync until the end)
+
+        def checked(x, t):
+            pred = self.denoiser(x, t)
+            raw = getattr(pred, "_x0", None)  # what the model returned, unconverted (no extra conversion)
+            raw = raw if raw is not None else getattr(pred, "_eps", None)
+            if raw is not None:
+                finite.append(torch.isfinite(raw).all())
+                times.append(t)
+            return pred
+
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.nfe, desc=f"{self.solver.name} ({self.nfe} NFE)")
         try:
-            out = run_solver(self.solver, self.grid, self.denoiser, x, noise, callback, bar)
+            out = run_solver(self.solver, self.grid, checked, x, noise, callback, bar)
         finally:
             if bar is not None:
                 bar.close()
+        if finite and not bool(torch.stack(finite).all()):
+            i = int((~torch.stack(finite)).nonzero()[0, 0])
+            t = times[i]
+            warnings.warn(f"the model returned NaN or inf at model call {i + 1} of {len(finite)} "
+                          f"(t={float(t):.6g}); the samples from it are not finite", NonFiniteModelOutput,
+                          stacklevel=2)
         return out.to(dtype)
 
     def prior_sample(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -84,9 +84,13 @@ def test_prepare_images_rejects_bad_input(images, message):
         prepare_images(images)
 
 
-def test_prepare_images_warns_on_floats_that_look_like_0_255():
-    with pytest.warns(UserWarning, match="pass uint8"):
+def test_prepare_images_refuses_floats_that_look_like_0_255_and_non_finite_values():
+    with pytest.raises(ValueError, match="far outside their range.*pass uint8"):
         prepare_images(torch.full((1, 3, 4, 4), 200.0))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        prepare_images(torch.full((1, 3, 4, 4), float("inf")))
+    overshoot = torch.tensor([-1.3, 1.2]).reshape(1, 1, 1, 2)  # a sampler's overshoot: clipped, EDM's way
+    assert prepare_images(overshoot).flatten().tolist() == [0, 255, 0, 255, 0, 255]
 
 
 # ---------------------------------------------------------------------------------------------
