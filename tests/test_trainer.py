@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
+from fewstep.config import TrainConfig
+from fewstep.config import read_yaml as load_config
 from fewstep.data import load_fashion_mnist, load_images, preprocess, read_idx
+from fewstep.distill.core import checkpoint_paths
 from fewstep.distill.teacher import train_teacher
-from fewstep.distill.trainer import TrainConfig, load_config
 from fewstep.io import to_uint8
 
 TINY = {
@@ -30,7 +32,9 @@ def tiny_config(idx_folder, output_dir):
 
 
 def weights(path):
-    return torch.load(path / "checkpoint.pt", weights_only=False)
+    """The newest checkpoint's step, weights and EMA weights."""
+    state = torch.load(checkpoint_paths(path)[-1], weights_only=False)["state"]
+    return {"step": state["counters"]["step"], "model": state["networks"]["model"], "ema": state["emas"]["model"]}
 
 
 def test_resumed_run_ends_with_the_same_weights(idx_folder, tmp_path):
