@@ -124,6 +124,19 @@ def test_config_file_is_valid():
     assert TrainConfig.from_dict(config["train"]).steps > 0
 
 
+@pytest.mark.parametrize("path", ["configs/teacher_fmnist.yaml", "configs/mr_fmnist.yaml"])
+def test_the_committed_train_sections_map_onto_the_core(path):
+    from fewstep.distill.core import from_train_config
+
+    train = TrainConfig.from_dict({**load_config(path)["train"], "gradient_accumulation_steps": 2})
+    core, optim = from_train_config(train)
+    assert (core.output_dir, core.steps, core.batch_size, core.accumulation, core.seed) == (
+        train.output_dir, train.steps, 64, 2, 0)
+    assert (core.checkpoint_every, core.keep_checkpoints, core.log_every) == (train.checkpoint_every, 3, 25)
+    assert (optim.lr, optim.warmup_steps, optim.ema_decay, optim.ema_start, optim.grad_clip, optim.weight_decay,
+            optim.anneal) == (0.0005, 100, 0.995, 200, 1.0, 0.0, "constant")
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 
