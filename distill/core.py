@@ -29,14 +29,17 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["OptimizerConfig", "Network", "Method", "StepContext", "TrainState", "CoreConfig", "fit",
-           "StepBatchSampler", "RunLock", "checkpoint_paths", "data_fingerprint", "Interrupted"]
+from fewstep.io import atomic_save
+
+__all__ = ["OptimizerConfig", "Network", "Method", "LossMethod", "StepContext", "TrainState", "CoreConfig",
+           "from_train_config", "fit", "StepBatchSampler", "RunLock", "checkpoint_paths", "data_fingerprint",
+           "check_writable", "Interrupted", "Refused", "FolderInUse", "NotWritable"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +114,30 @@ class Method:
         raise NotImplementedError
 
     def recipe(self) -> dict:
-        """The method's settings a resumed run must share (compared on resume)."""
+        """The method's settings a resumed run must share (compared on resume; the trainable networks'
+        optimizer settings are compared too)."""
         return {}
+
+
+class LossMethod(Method):
+    """One trainable network, ``"model"``, with its optimizer, schedule and EMA, trained on
+    ``loss(model, batch, generator) -> scalar`` (a teacher, a restoration model). ``settings`` is the
+    recipe a resumed run must share (e.g. the model and data config sections)."""
+
+    name = "loss"
+
+    def __init__(self, module: nn.Module, loss: Callable[[nn.Module, Tensor, torch.Generator], Tensor],
+                 optim: OptimizerConfig, settings: dict | None = None):
+        self.module, self.loss, self.optim, self.settings = module, loss, optim, dict(settings or {})
+
+    def networks(self) -> dict[str, Network]:
+        return {"model": Network(self.module, self.optim)}
+
+    def train_step(self, ctx: "StepContext", batch: Tensor) -> dict[str, Tensor]:
+        return {"loss": ctx.update("model", self.loss(ctx.net("model"), batch, ctx.generator))}
+
+    def recipe(self) -> dict:
+        return self.settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +173,19 @@ class CoreConfig:
 
 #: Settings that may change between a checkpoint and the run resuming it.
 RESUMABLE = ("output_dir", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "cpu")
+
+
+def from_train_config(train) -> tuple[CoreConfig, OptimizerConfig]:
+    """A config file's ``train:`` section (``fewstep.config.TrainConfig``) as the loop's settings and the
+    optimizer of a method's one trainable network (``LossMethod``)."""
+    core = CoreConfig(output_dir=train.output_dir, steps=train.steps, batch_size=train.batch_size,
+                      accumulation=train.gradient_accumulation_steps, seed=train.seed,
+                      checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
+                      log_every=train.log_every, mixed_precision=train.mixed_precision, cpu=train.cpu,
+                      progress=train.progress)
+    optim = OptimizerConfig(lr=train.lr, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
+                            grad_clip=train.grad_clip, ema_decay=train.ema_decay, ema_start=train.ema_start)
+    return core, optim
 
 
 class TrainState:
@@ -383,19 +421,22 @@ def checkpoint_paths(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(output_dir).glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if getattr(err, "errno", None) == 28 or "No space left" in str(err):
-            raise OSError(f"no space left on the device for {path}; free space and resume") from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+class Refused(ValueError):
+    """A run the core will not start: its folder's checkpoint is of another recipe, or past ``steps``."""
+
+    exit_code = 2  # the ``fewstep`` command prints it as one line, like a config error
+
+
+class FolderInUse(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+    exit_code = 2
+
+
+class NotWritable(OSError):
+    """The output folder cannot be written."""
+
+    exit_code = 1
 
 
 class RunLock:
@@ -413,7 +454,7 @@ class RunLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.handle.close()
-            raise RuntimeError(f"{self.path.parent} is in use by another run (lock {self.path}); "
+            raise FolderInUse(f"{self.path.parent} is in use by another run (lock {self.path}); "
                                "wait for it or choose another output_dir") from None
         self.handle.write(str(os.getpid()))
         self.handle.flush()
@@ -425,11 +466,13 @@ class RunLock:
 
 
 class Interrupted(Exception):
-    """Raised out of ``fit`` after SIGINT / SIGTERM, once the checkpoint is written."""
+    """Raised out of ``fit`` after SIGINT / SIGTERM, once the checkpoint is written. ``exit_code`` is the
+    shell's for the signal (130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, step: int, path: Path):
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted: saved step {step} to {path}; run the same command again to resume")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, int(signum)
+        self.exit_code = 128 + self.signum
 
 
 @contextlib.contextmanager
@@ -462,12 +505,14 @@ class FitResult:
     state: TrainState
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
+    examples: int | None = None  # size of the dataset it trained on
 
 
-def _recipe(config: CoreConfig, method: Method, data: dict | None) -> dict:
+def _recipe(config: CoreConfig, method: Method, data: dict | None, nets: dict[str, Network]) -> dict:
     train = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
-    return json.loads(json.dumps({"method": method.name, "train": train, "settings": method.recipe(),
-                                  "data": data}, sort_keys=True, default=str))
+    optimizers = {name: asdict(net.optim) for name, net in nets.items() if net.trainable}
+    return json.loads(json.dumps({"method": method.name, "train": train, "optimizers": optimizers,
+                                  "settings": method.recipe(), "data": data}, sort_keys=True, default=str))
 
 
 def _changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -489,10 +534,14 @@ def _load_latest(folder: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
-def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, accelerator=None,
-        max_steps: int | None = None, log=print) -> FitResult:
+def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Dataset] | None = None,
+        accelerator=None, max_steps: int | None = None, log=print) -> FitResult:
     """Train ``method`` to ``config.steps`` optimizer steps (or ``max_steps`` more), resuming from the
-    newest checkpoint in ``config.output_dir`` when one exists."""
+    newest checkpoint in ``config.output_dir`` when one exists.
+
+    ``dataset`` may be a function returning the dataset: it is called only once the output folder has
+    proved writable and its lock is held, so a run that cannot start says so before loading any data.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -505,27 +554,32 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
         raise ValueError(f"a micro-batch of {config.batch_size // config.accumulation} does not split over "
                          f"{accelerator.num_processes} processes")
     out = Path(config.output_dir)
-    _check_writable(out)
+    check_writable(out)
     rounds = method.round_steps(config.steps)
     if sum(rounds) != config.steps:
         raise ValueError(f"{method.name}: rounds {rounds} do not add up to steps {config.steps}")
-    fingerprint = data_fingerprint(dataset) if dataset is not None else None
-    recipe = _recipe(config, method, fingerprint)
 
-    lock = RunLock(out) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock, _deferred_signals() as caught:
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:
+            held.enter_context(RunLock(out))
+        if callable(dataset) and not isinstance(dataset, Dataset):
+            dataset = dataset()  # only now: the folder is writable and this run's
+        fingerprint = data_fingerprint(dataset) if dataset is not None else None
+        caught = held.enter_context(_deferred_signals())
         torch.manual_seed(config.seed)  # network initialisation inside the method happens before this
-        state = TrainState(method.networks(), accelerator)
-        result = FitResult(state, state.history)
+        nets = method.networks()
+        recipe = _recipe(config, method, fingerprint, nets)
+        state = TrainState(nets, accelerator)
+        result = FitResult(state, state.history, examples=len(dataset) if dataset is not None else None)
         saved, path = _load_latest(out)
         if saved is not None:
             changed = _changes(saved.get("recipe"), recipe)
             if changed:
-                raise ValueError(f"{path} was written by a different run ({'; '.join(changed)}); use a new "
-                                 "output_dir, or delete its checkpoints to start over")
+                raise Refused(f"{path} was written by a different run ({'; '.join(changed)}); use a new "
+                              "output_dir, or delete its checkpoints to start over")
             if saved["state"]["counters"]["step"] > config.steps:
-                raise ValueError(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
-                                 f"steps {config.steps}; raise steps to continue it or use a new output_dir")
+                raise Refused(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
+                              f"steps {config.steps}; raise steps to continue it or use a new output_dir")
             state.load_state_dict(saved["state"])
             state.history[:] = saved.get("history", [])
             result.resumed_from = state.step
@@ -539,7 +593,7 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
             accelerator.wait_for_everyone()
             path = out / f"checkpoint-{state.step:08d}.pt"
             if accelerator.is_main_process:
-                _atomic_torch_save({"state": state.state_dict(), "recipe": recipe, "history": result.history}, path)
+                atomic_save({"state": state.state_dict(), "recipe": recipe, "history": result.history}, path)
                 for old in checkpoint_paths(out)[:-config.keep_checkpoints]:
                     old.unlink(missing_ok=True)
             accelerator.wait_for_everyone()
@@ -594,7 +648,7 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | None = None, acce
                 if interrupted:
                     if bar is not None:
                         bar.close()
-                    raise Interrupted(state.step, path)
+                    raise Interrupted(state.step, path, caught["signal"])
         if bar is not None:
             bar.close()
     return result
@@ -620,12 +674,13 @@ def _progress(config: CoreConfig, accelerator, start: int):
     return tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _check_writable(folder: Path) -> None:
-    """Fail before any work when the output folder cannot be written."""
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail before any work when the output folder cannot be written (``fit`` calls it first)."""
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise OSError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
+        raise NotWritable(err.errno, f"cannot write to the output folder {folder}: {err.strerror or err}") from None

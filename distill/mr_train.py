@@ -9,7 +9,10 @@ The task: Gaussian denoising (``mu`` = clean image + ``noise_std`` noise in [-1,
 (``mr.target: data``, the example's choice). Why data: near ``t = T`` the MR signal ``alpha_t`` is
 ``~eps = 0.005``, so ``x0 = mu + (x_t - mu - sigma_t eps_hat) / alpha_t`` multiplies a noise model's error
 by ``sigma_t / alpha_t ~ 40``; a data model has no such factor, which is what MRS's data-prediction
-solvers need at 10-20 NFE. Saved as ``output_dir/unet`` (diffusers format) plus ``mr.json``.
+solvers need at 10-20 NFE. ``MRMethod`` is one network with EMA on ``mr_loss``, run by
+``fewstep.distill.core.fit`` (checkpoints ``output_dir/checkpoint-<step>.pt``; rerunning the command
+resumes). The EMA model is exported, atomically, as ``output_dir/model``: ``unet/`` (diffusers format) plus
+``mr.json``, the layout ``load_mr_model`` reads (as ``teachers/mr_fmnist/``).
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from fewstep.config import MRTrainConfig, from_dict, given
+from fewstep.data import load_images
+from fewstep.io import atomic_dir, atomic_write_bytes
 from fewstep.samplers.mr import MRDenoiser, MRSchedule
 
-from fewstep.data import load_images
+from .core import LossMethod, OptimizerConfig, fit, from_train_config
 
-from .trainer import Trainer
-
-__all__ = ["MR_TARGETS", "degrade", "mr_loss", "unet_mr_model", "load_mr_model", "train_mr", "cli"]
+__all__ = ["MR_TARGETS", "degrade", "mr_loss", "MRMethod", "unet_mr_model", "load_mr_model", "train_mr", "cli"]
 
 
 def degrade(x0: Tensor, noise_std: float, g: torch.Generator) -> Tensor:
@@ -67,6 +71,16 @@ def mr_loss(schedule: MRSchedule, noise_std: float, target: str = "noise"):
     return loss
 
 
+class MRMethod(LossMethod):
+    """An MR restoration model: one trainable two-channel UNet (with EMA) on ``mr_loss``."""
+
+    name = "mr"
+
+    def __init__(self, unet: nn.Module, schedule: MRSchedule, noise_std: float, target: str, optim: OptimizerConfig,
+                 settings: dict | None = None):
+        super().__init__(unet, mr_loss(schedule, noise_std, target), optim, settings)
+
+
 def load_mr_model(path: str | Path) -> tuple[MRDenoiser, dict]:
     """``(MRDenoiser, info)`` from a folder written by ``train_mr``."""
     from diffusers import UNet2DModel
@@ -80,28 +94,30 @@ def load_mr_model(path: str | Path) -> tuple[MRDenoiser, dict]:
 
 
 def train_mr(config: MRTrainConfig | dict, max_steps: int | None = None) -> Path:
-    """Train (resuming if a checkpoint exists) and save ``output_dir/unet`` and ``mr.json``."""
+    """Train (resuming from the newest checkpoint) and export ``output_dir/model`` (``unet/`` and
+    ``mr.json``); returns that folder."""
     from diffusers import UNet2DModel
 
     config = config if isinstance(config, MRTrainConfig) else from_dict(MRTrainConfig, config)
     tc, mr = config.train, config.mr
-    target = mr.target
+    core, optim = from_train_config(tc)
     schedule = MRSchedule(sigma_inf=mr.sigma_inf, T=mr.T)
     torch.manual_seed(tc.seed)
     unet = UNet2DModel(**given(config.model))
-    data = load_images(**given(config.data))
     # mr with its defaults filled in; model and data as set (not diffusers' defaults)
-    trainer = Trainer(tc, unet, mr_loss(schedule, mr.noise_std, target), data,
-                      recipe={"mr": asdict(mr), "model": given(config.model), "data": given(config.data)})
-    ema = trainer.fit(max_steps=max_steps)
-    trainer.write_history()
-    out = Path(tc.output_dir)
-    if trainer.accelerator.is_main_process:
-        ema.save_pretrained(out / "unet")
+    method = MRMethod(unet, schedule, mr.noise_std, mr.target, optim,
+                      {"mr": asdict(mr), "model": given(config.model), "data": given(config.data)})
+    # fit loads the data only once the output folder is known to be writable and free
+    result = fit(method, core, lambda: TensorDataset(load_images(**given(config.data))), max_steps=max_steps)
+    out, path = Path(tc.output_dir), Path(tc.output_dir) / "model"
+    if result.state.accelerator.is_main_process:
         info = {"sigma_inf": schedule.sigma_inf, "T": int(schedule.t_max), "noise_std": mr.noise_std,
-                "target": target, "steps": trainer.step, "seed": tc.seed}
-        (out / "mr.json").write_text(json.dumps(info, indent=1))
-    return out
+                "target": mr.target, "steps": result.state.step, "seed": tc.seed}
+        with atomic_dir(path) as tmp:
+            result.state.ema("model").save_pretrained(tmp / "unet")
+            (tmp / "mr.json").write_text(json.dumps(info, indent=1))
+        atomic_write_bytes(out / "history.json", json.dumps(result.history, indent=1).encode())
+    return path
 
 
 def cli(config: MRTrainConfig, max_steps: int | None = None) -> int:

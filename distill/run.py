@@ -10,6 +10,7 @@ from its last checkpoint with the same command; ``train.output_dir`` also gets `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from fewstep.config import DistillConfig, TrainConfig, given
 from fewstep.data import load_images
 
 from .consistency import MultistepConsistency
-from .core import CoreConfig, OptimizerConfig, fit
+from .core import CoreConfig, OptimizerConfig, fit, from_train_config
 from .progressive import ProgressiveDistillation
 from .students import diffusers_reproducible, export_student
 
@@ -34,15 +35,10 @@ _DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMul
 
 
 def core_settings(train: TrainConfig, anneal: str) -> tuple[CoreConfig, OptimizerConfig]:
-    """The shared ``train:`` section as the core's loop settings and the student's optimizer."""
-    core = CoreConfig(output_dir=train.output_dir, steps=train.steps, batch_size=train.batch_size,
-                      accumulation=train.gradient_accumulation_steps, seed=train.seed,
-                      checkpoint_every=train.checkpoint_every, log_every=train.log_every,
-                      mixed_precision=train.mixed_precision, cpu=train.cpu, progress=train.progress)
-    optim = OptimizerConfig(lr=train.lr, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
-                            anneal=anneal, grad_clip=train.grad_clip, ema_decay=train.ema_decay or None,
-                            ema_start=train.ema_start)
-    return core, optim
+    """The shared ``train:`` section as the core's settings and the student's optimizer, with the
+    method's learning-rate anneal; ``ema_decay: 0`` means no EMA (PD keeps none)."""
+    core, optim = from_train_config(train)
+    return core, dataclasses.replace(optim, anneal=anneal, ema_decay=train.ema_decay or None)
 
 
 def _load_teacher(path: str | None):

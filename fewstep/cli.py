@@ -16,7 +16,11 @@ either a function declaring its flags or (a training job) a ``fewstep.config`` d
   ``fewstep.config.load``; the function gets the typed dataclass first, then any extra flags.
   ``--help`` lists every key with its default.
 
-Either way it returns an exit code.
+Either way it returns an exit code. An exception that carries an ``exit_code`` is a message for the user,
+not a bug: it is printed as one line (``fewstep NAME: ...``, no traceback) and its code returned -- the
+training core's refusals (a checkpoint of another recipe or past ``steps``; a folder in use; exit 2, like
+a config error), an unwritable folder or a full disk (1), and an interrupted run (130 after SIGINT, 143
+after SIGTERM: saved, and rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -384,6 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(importlib.import_module(cmd.module), cmd.function)
     try:
         return int(func(*positional, **opts) or 0)
+    except Exception as err:
+        code = getattr(err, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        print(f"fewstep {name}: {'' if code >= 128 else 'error: '}{err}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -261,13 +261,15 @@ def help_text(cls: type) -> str:
 
 @dataclass
 class TrainConfig:
-    """Settings shared by every trainer (a YAML file's ``train:`` section)."""
+    """Settings shared by every trainer (a YAML file's ``train:`` section): the training core's loop
+    (``CoreConfig``) and the optimizer of the trained network (``OptimizerConfig``); see
+    ``fewstep.distill.core.from_train_config``."""
 
     label: ClassVar[str] = "training"  # errors say "unknown training option(s)"
 
-    output_dir: str = option("outputs/run", "checkpoint, history and exported model")
+    output_dir: str = option("outputs/run", "checkpoints (checkpoint-<step>.pt), history and exported model")
     steps: int = option(1000, "total optimizer steps (raise it and rerun to continue a run)")
-    batch_size: int = option(128, "examples per step, over all processes")
+    batch_size: int = option(128, "examples per optimizer step, over all processes and micro-batches")
     lr: float = option(2e-4, "AdamW learning rate (constant after warm-up)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(0, "linear learning-rate warm-up")
@@ -275,19 +277,30 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay of the exported weights, in [0, 1)")
     ema_start: int = option(0, "steps before the EMA starts averaging (it copies until then)")
     checkpoint_every: int = option(250, "steps between checkpoints")
+    keep_checkpoints: int = option(3, "newest checkpoints kept (older ones are deleted)")
     log_every: int = option(50, "steps between history entries")
     seed: int = option(0, "seed of the weights, batches and noise")
     mixed_precision: str = option("no", "accelerate's spelling: no, fp16, bf16")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (batch_size is split over them)")
     cpu: bool = option(False, "train on the CPU even when a GPU is there")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "gradient_accumulation_steps"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "gradient_accumulation_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of gradient_accumulation_steps "
+                             f"{self.gradient_accumulation_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.warmup_steps < 0 or self.ema_start < 0:
+            raise ValueError("warmup_steps and ema_start must be >= 0")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":

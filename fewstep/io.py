@@ -6,19 +6,27 @@
 - ``save_grid``: images in ``[-1, 1]`` as one PNG grid (``nrow`` per row, 1-pixel padding).
 - ``atomic_write`` (and ``atomic_write_bytes``, ``atomic_save``): write a temporary file beside the
   target, fsync, then rename it over the target, so a killed process never leaves a torn file.
+- ``atomic_dir``: the same for a folder (an exported diffusers pipeline): write into a temporary
+  sibling, and only once it is complete rename it into place, replacing the older one.
+A full disk raises ``NoSpaceLeft`` ("no space left on the device for PATH") and leaves no temporary
+file or folder behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "images_to_uint8", "parse_value_range", "VALUE_RANGES", "save_grid", "atomic_write", "atomic_write_bytes", "atomic_save"]
+__all__ = ["to_uint8", "images_to_uint8", "parse_value_range", "VALUE_RANGES", "save_grid", "atomic_write",
+           "atomic_write_bytes", "atomic_save", "atomic_dir", "NoSpaceLeft"]
 
 
 def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
@@ -93,9 +101,24 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> str:
     return path
 
 
+class NoSpaceLeft(OSError):
+    """A write failed because the disk is full; nothing torn was left behind."""
+
+    exit_code = 1  # the ``fewstep`` command prints it as one line
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+
+
+def _no_space(path: Path) -> NoSpaceLeft:
+    return NoSpaceLeft(errno.ENOSPC, f"no space left on the device for {path}; free space and run again")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """``write(f)`` into a temporary file beside ``path`` (its folder made if needed), then rename it over
-    ``path``; on any error the temporary file is removed and ``path`` is untouched."""
+    ``path``; on any error the temporary file is removed and ``path`` is untouched (a full disk raises
+    ``NoSpaceLeft``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,9 +128,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, Exception) and _disk_full(err):
+            raise _no_space(path) from err
         raise
 
 
@@ -119,3 +144,66 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (``atomic_write``): a killed run never leaves a torn checkpoint."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder atomically: ``with atomic_dir(out) as tmp: pipe.save_pretrained(tmp)``.
+
+    The block writes into a temporary sibling of ``path``; when it completes, the files are fsynced and
+    the folder renamed to ``path``. An older ``path`` is moved aside only then and deleted after the new
+    one is in place, so a reader sees the old export or the new one, never a half-written one. On any
+    error the temporary folder is removed and ``path`` is untouched (a full disk raises ``NoSpaceLeft``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace_dir(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and _disk_full(err):
+            raise _no_space(path) from err
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (so the rename publishes complete files)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_folder(root)
+
+
+def _fsync_folder(folder: str | os.PathLike) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is moved aside first and removed afterwards."""
+    if not path.exists() and not path.is_symlink():
+        os.replace(new, path)
+    else:
+        old = new.with_name(new.name[: -len(".tmp")] + ".old")
+        os.replace(path, old)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            os.replace(old, path)  # put the old export back
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    _fsync_folder(path.parent)

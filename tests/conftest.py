@@ -7,6 +7,7 @@ every noise level), plus a small random, input- and time-dependent part that sti
 solver step depend on the network.
 diffusers is imported inside the fixtures, so test files that do not use them never pay for it.
 ``random_inception_weights``: torch-fidelity's Inception with random weights, as a local file.
+``interrupt_and_resume``: signal a ``fewstep train-*`` command mid-run, then rerun it.
 """
 
 from __future__ import annotations
@@ -116,3 +117,41 @@ def random_inception_weights(tmp_path_factory):
     from fewstep.eval.features import save_random_inception_weights
 
     return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+@pytest.fixture
+def interrupt_and_resume():
+    """``run(command, config_file, out, signum) -> (interrupted, rerun, saved_step)``: start
+    ``fewstep COMMAND --config FILE``, send ``signum`` once it has written a checkpoint in ``out``, then rerun
+    the same command for one more step. Checks what every training command owes its user: the signal's
+    exit code (128 + signum), one line on stderr (no traceback) naming the step saved, and a rerun that
+    resumes there."""
+    import subprocess
+    import sys
+    import time
+
+    from fewstep.distill.core import checkpoint_paths
+
+    def step(path):
+        return int(path.stem.split("-")[1])
+
+    def run(command, config_file, out, signum):
+        cmd = [sys.executable, "-m", "fewstep.cli", command, "--config", str(config_file)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not checkpoint_paths(out):
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr
+        saved = step(checkpoint_paths(out)[-1])
+        assert f"saved step {saved} " in lines[0] and "run the same command again to resume" in lines[0], lines
+        rerun = subprocess.run(cmd + ["--max-steps", "1"], capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"resuming {out} at step {saved} " in rerun.stdout, rerun.stdout
+        assert step(checkpoint_paths(out)[-1]) == saved + 1
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), rerun, saved
+
+    return run

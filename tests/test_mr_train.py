@@ -33,6 +33,28 @@ def test_tiny_mr_model_trains_saves_and_restores(idx_folder, tmp_path, target):
         assert out.shape == mu.shape and torch.isfinite(out).all()
 
 
+def test_sigterm_saves_and_the_same_command_resumes(idx_folder, tmp_path, interrupt_and_resume):
+    import signal
+
+    import yaml
+
+    config = tiny_config(tmp_path, idx_folder)
+    config["train"].update(steps=100_000, checkpoint_every=1)  # would run for an hour: stopped by the signal
+    path = tmp_path / "mr.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run, rerun, saved = interrupt_and_resume("train-mr", path, tmp_path / "mr", signal.SIGTERM)
+    assert run.returncode == 143 and f"saved step {saved} " in run.stderr
+
+
+def test_a_longer_run_replaces_the_export_whole(idx_folder, tmp_path):
+    config = tiny_config(tmp_path, idx_folder)
+    path = train_mr(config)
+    config["train"]["steps"] = 4
+    assert train_mr(config) == path and load_mr_model(path)[1]["steps"] == 4
+    assert sorted(p.name for p in path.iterdir()) == ["mr.json", "unet"]
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary folder or lock
+
+
 @pytest.mark.parametrize("mr, message", [({"target": "velocity"}, "unknown MR training target"),
                                          ({"taget": "data"}, "unknown mr option")])
 def test_bad_mr_options_fail_clearly(idx_folder, tmp_path, mr, message):
