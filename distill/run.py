@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 
 from fewstep.config import DistillConfig, TrainConfig, given
 from fewstep.data import load_images
+from fewstep.io import atomic_write_bytes
 
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit, from_train_config
@@ -102,7 +103,7 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
         raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the teacher's {expected} input")
     result = fit(method, core, TensorDataset(data), max_steps=max_steps)
     out = Path(core.output_dir)
-    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    atomic_write_bytes(out / "history.json", json.dumps(result.history, indent=1).encode())
     if result.history:
         plot_history(result.history, out / "training_curves.png", title=f"{config.method} distillation")
     if result.state.step == core.steps:

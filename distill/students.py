@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..io import atomic_dir
 from ..samplers import Denoiser, ModelDenoiser, Sampler
 from ..samplers.schedules import DiscreteVPSchedule
 from ..samplers.timesteps import ExplicitTimesteps, Grid
@@ -72,8 +72,8 @@ def _diffusers_grid_matches(scheduler, times: list[float]) -> bool:
 
 def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid, prediction_type: str,
                    path: str | os.PathLike, info: dict | None = None) -> Path:
-    """Save a student as a ``DDPMPipeline`` folder plus ``fewstep_student.json``, atomically (a temporary
-    sibling folder renamed into place, so a killed export never leaves a half-written student)."""
+    """Save a student as a ``DDPMPipeline`` folder plus ``fewstep_student.json``, atomically (``atomic_dir``:
+    a killed export never leaves a half-written student)."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
     path = Path(path)
@@ -83,18 +83,9 @@ def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid,
         raise ValueError(f"diffusers' DDIM cannot visit the student grid {times} (its stride is "
                          f"T // {len(times)}); export only students whose steps divide the training timesteps")
     record = {"steps": len(times), "timesteps": times, "prediction_type": prediction_type, **(info or {})}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(path) as tmp:
         DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
         (tmp / STUDENT_FILE).write_text(json.dumps(record, indent=1))
-        old = path.with_name(f".{path.name}.{os.getpid()}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
