@@ -38,16 +38,7 @@ SD_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 
 ENDPOINT = {"zero": "zero", "t_min": "sigma_min"}  # our Grid endpoint -> the adapter's final_sigmas_type
 
 # diffusers' own numpy-2 deprecation noise (np.array(tensor, copy=False) in its set_timesteps).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions run several times faster on one thread than on two contended cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"), pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")

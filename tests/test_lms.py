@@ -31,14 +31,7 @@ EDM = EDMSchedule()
 VP = ContinuousVPSchedule("linear")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors run several times faster on one thread than on two contended cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run fastest on one thread
 
 def x_start(n=64):
     return torch.randn(n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

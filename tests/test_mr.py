@@ -31,13 +31,7 @@ STRONG = GaussianMixture(means=[(MU + torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=
 MILD = GaussianMixture(means=[[0.6, 0.3, 0.5, 0.8]], variances=[[0.02, 0.05, 0.01, 0.04]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run fastest on one thread
 
 def exact_w2(data, nfe, method="ode", parameterization="data", order=2, timesteps="linspace", **options):
     """Exact W2 between a solver's output law (from the exact marginal at t_max) and the data."""

@@ -32,15 +32,7 @@ SHAPE = (2, 3, 8, 8)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}  # max |difference| per unit of max |reference|
 ENDPOINT = {"zero": "zero", "sigma_min": "t_min"}  # diffusers' final_sigmas_type -> our Grid endpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"), pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")
