@@ -244,3 +244,18 @@ def test_two_cpu_processes_train_the_same_student_as_one(tiny_teacher, idx_folde
     # Adam normalises the update, so float-rounding differences in the all-reduced gradient show at ~1e-5
     # after 4 steps of lr 1e-3; a wrong batch split or noise would differ at the size of the updates.
     assert diff < 1e-4 and diff < 0.01 * changed, (diff, changed)
+
+
+@pytest.mark.parametrize("name,steps", [("progressive-8", 8), ("progressive-4", 4), ("progressive-2", 2),
+                                        ("progressive-1", 1)])
+def test_committed_students_load_offline_as_samplers_and_as_pipelines(name, steps):
+    from diffusers import DDPMPipeline
+
+    from fewstep.teachers import FMNIST_STUDENTS
+
+    sampler = load_student(FMNIST_STUDENTS / name)
+    assert sampler.nfe == steps and sampler.student["method"] == "progressive"
+    x = sampler.sample(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(x).all() and x.abs().max() < 3
+    pipe = DDPMPipeline.from_pretrained(FMNIST_STUDENTS / name)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"
