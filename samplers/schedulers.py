@@ -142,8 +142,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         - The sampler's own keys (``SAMPLER_KEYS``: ``sampler``, ``sampler_options``, ``momentum``,
           ``beta``, ``base``) of a config of ours carry over only when the new scheduler runs the same
           sampler: the sampler is ``kwargs["sampler"]``, else the config's own when it is this class's
-          config, else this class's ``default_sampler``. Switching to another sampler drops the old
-          one's options.
+          config (or a diffusers scheduler's that kept our keys, as ``from_config`` does, and this class
+          runs that sampler), else this class's ``default_sampler``. Switching to another sampler drops
+          the old one's options.
         - Every keyword given here is checked: a key of ``__init__`` is used as is; an option of the
           chosen sampler (``eta=0.5`` for ``ddim``, ``order=3`` for ``ghvb``) goes into
           ``sampler_options``; anything else raises, listing the known keys. Keys of other diffusers
@@ -162,12 +163,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             source = resolve_name(config["sampler"])
         elif source_cls is not None:
             source = resolve_name(source_cls.default_sampler)
+        default = resolve_name(cls.default_sampler)
         if "sampler" in kwargs:
             target = resolve_name(kwargs["sampler"] or cls.default_sampler)
-        elif source_cls is cls and source is not None:
+        elif source is not None and source_cls is cls:
             target = source
+        elif source is not None and source_cls is None and (cls is FewstepScheduler or source == default):
+            target = source  # our keys kept by a diffusers scheduler we were switched to: switching back
         else:
-            target = resolve_name(cls.default_sampler)
+            target = default
         keep = source == target
         if not keep:  # another sampler: the old one's options are not options of this one
             config = {k: v for k, v in config.items() if k not in SAMPLER_KEYS}
