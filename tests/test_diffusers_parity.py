@@ -431,11 +431,22 @@ def test_set_begin_index_runs_the_tail_of_the_grid(name, begin, unets):
                     f"set_begin_index {name} k={begin} vs diffusers")
 
 
-def test_set_begin_index_inside_a_multi_call_step_raises():
-    sched = FewstepScheduler(sampler="heun")
-    sched.set_timesteps(5)  # model calls at t0, t1, t1, t2, t2, ...: call 1 is step 0's corrector
-    with pytest.raises(ValueError, match="cannot start at model call 1 .inside a multi-call step"):
-        sched.set_begin_index(1)
+def test_set_begin_index_inside_a_multi_call_step_bridges_to_the_next_step():
+    """Heun's call 1 is step 0's corrector at t1, call 2 step 1's predictor at t1: a start at call 1 returns
+    its sample unchanged (the next call is at the same timestep), then runs Heun from t1."""
+    x_start = torch.randn(SHAPE, generator=gen(4))
+    model = _Echo()
+
+    def run(begin):
+        sched = FewstepScheduler(sampler="heun")
+        sched.set_timesteps(5)
+        sched.set_begin_index(begin)
+        x = x_start
+        for t in sched.timesteps[begin:]:
+            x = sched.step(model(x, t) * 0.9, t, x).prev_sample
+        return x
+
+    assert torch.equal(run(1), run(2))
 
 
 @pytest.mark.parametrize("config", [dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear",
@@ -560,9 +571,12 @@ def test_misordered_step_calls_raise():
     with pytest.raises(RuntimeError, match="call set_timesteps before step"):
         sched.step(x, 999, x)
     sched.set_timesteps(2)  # timesteps 999, 499
-    with pytest.raises(ValueError, match="step got timestep 499 but model call 0 of this run is at 999"):
-        sched.step(x, 499, x)
-    for t in sched.timesteps:
-        x = sched.step(x, t, x).prev_sample
+    with pytest.raises(ValueError, match=r"step got timestep 500, which is not on this run's grid; ddim calls "
+                                         r"the model at timesteps \[999.0, 499.0\]"):
+        sched.step(x, 500, x)
+    x = sched.step(x, 999, x).prev_sample
+    with pytest.raises(ValueError, match="step got timestep 999 but model call 1 of this run is at 499"):
+        sched.step(x, 999, x)
+    x = sched.step(x, 499, x).prev_sample
     with pytest.raises(RuntimeError, match="step called 3 times for a run of 2 model calls"):
         sched.step(x, 499, x)

@@ -54,6 +54,8 @@ class MRScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.grid: Grid | None = None
         self._run, self._plan, self._step_index, self._generator = None, [], None, None
+        self._begin_index: int | None = None
+        self._variance_noise: Tensor | None = None
 
     def set_mu(self, mu: Tensor) -> None:
         """The condition (degraded input) of the current run, ``[B, *S]``."""
@@ -70,20 +72,63 @@ class MRScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = check_steps(num_inference_steps)
         self.grid = self._spacing.grid(self.noise_schedule, self.num_inference_steps, final="zero")
         self._plan = self.solver.plan(self.grid)
-        self._run = self.solver.steps(self.grid, self._noise)
+        self._start(self.grid)
+        self.timesteps = _as_timestep_tensor(self._plan, device)
+        self._begin_index = None
+
+    def _start(self, grid: Grid):
+        self._run = self.solver.steps(grid, self._noise)
         next(self._run)
         self._step_index = None
-        self.timesteps = _as_timestep_tensor(self._plan, device)
 
     @property
     def step_index(self) -> int | None:
         return self._step_index
 
     @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at ``timesteps[begin_index]``: the solver restarts on the rest of the grid. Without it,
+        the first ``step`` locates its timestep in ``timesteps`` (as diffusers' ``_init_step_index``)."""
+        if self.grid is None:
+            raise RuntimeError("call set_timesteps before set_begin_index")
+        self._begin_at(begin_index)
+        self._begin_index = begin_index
+
+    def _begin_at(self, begin: int):
+        if not 0 <= begin < len(self._plan):
+            raise ValueError(f"begin index {begin} is outside this run's {len(self._plan)} model calls")
+        i = self.grid.t.tolist().index(self._plan[begin]) if self._plan[begin] in self.grid.t.tolist() else None
+        tail = None if i is None else Grid(self.grid.t[i:], self.grid.alpha[i:], self.grid.sigma[i:],
+                                           schedule=self.grid.schedule)
+        if tail is None or self.solver.plan(tail) != self._plan[begin:]:
+            raise ValueError(f"the MR solver cannot start at model call {begin}")
+        self._start(tail)
+
+    def _first_index(self, timestep) -> int:
+        from ..schedulers import _same_time
+
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        matches = [k for k, p in enumerate(self._plan) if _same_time(t, p)]
+        if not matches:
+            raise ValueError(f"step got timestep {t:g}, which is not on this run's grid; the MR solver calls "
+                             f"the model at timesteps {self._plan}")
+        if matches[0] > 0:
+            self._begin_at(matches[0])
+        return matches[0]
+
+    @property
     def nfe(self) -> int:
         return len(self._plan)
 
     def _noise(self, like: Tensor) -> Tensor:
+        if self._variance_noise is not None:
+            if self._variance_noise.shape != like.shape:
+                raise ValueError(f"variance_noise has shape {tuple(self._variance_noise.shape)}, the sample "
+                                 f"{tuple(like.shape)}")
+            return self._variance_noise.to(device=like.device, dtype=like.dtype)
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
@@ -95,13 +140,18 @@ class MRScheduler(SchedulerMixin, ConfigMixin):
         return mu + self.init_noise_sigma * z
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: torch.Generator | None = None,
-             return_dict: bool = True):
-        """Consume the network output at ``x = sample`` for the current planned call; return the next ``x``."""
+             return_dict: bool = True, variance_noise: Tensor | None = None):
+        """Consume the network output at ``x = sample`` for the current planned call; return the next ``x``.
+        The SDE solvers draw from ``generator``, or use ``variance_noise`` as this step's noise."""
         if self._run is None:
             raise RuntimeError("call set_timesteps before step")
         if self.mu is None:
             raise ValueError("no condition mu: call set_mu(mu) or set_timesteps(..., mu=mu) first")
-        k = 0 if self._step_index is None else self._step_index
+        if generator is not None and variance_noise is not None:
+            raise ValueError("pass either generator or variance_noise to step, not both")
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
+        k = self._step_index
         if k >= len(self._plan):
             raise RuntimeError(f"step called {k + 1} times for a run of {len(self._plan)} model calls")
         t = self._plan[k]
@@ -116,8 +166,11 @@ class MRScheduler(SchedulerMixin, ConfigMixin):
         y = x - mu
         pred = mr_prediction(model_output.to(x.dtype), y, mu, a, s, self.config.prediction_type,
                              self.noise_schedule.sigma_inf)
-        self._generator = generator
-        y_next, _ = self._run.send((y, pred))
+        self._generator, self._variance_noise = generator, variance_noise
+        try:
+            y_next, _ = self._run.send((y, pred))
+        finally:
+            self._generator = self._variance_noise = None
         self._step_index = k + 1
         prev_sample = (y_next + mu).to(dtype)
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
