@@ -219,7 +219,8 @@ class DiffusersSpacing(Timesteps):
         if self.spacing == "leading":
             t = (np.arange(0, n) * (T // n)).round()[::-1] + self.steps_offset
         elif self.spacing == "trailing":
-            t = np.round(np.arange(T, 0, -T / n)) - 1
+            # n points exactly: arange(T, 0, -T / n) yields n + 1 when rounding leaves its end just above 0
+            t = np.round(T - np.arange(n) * (T / n)) - 1
         else:
             t = np.linspace(0, T - 1, n).round()[::-1]
         return torch.tensor(t.copy(), dtype=_F64)

@@ -254,3 +254,15 @@ def test_grid_dataclass_from_times_with_zero_length_final_step():
     s = SCHEDULES["discrete_linear"]
     g = Grid.from_times(s, torch.tensor([500.0, 0.0], dtype=F64), final="t_min")
     assert g.log_snr[-1] == g.log_snr[-2]
+
+
+def test_trailing_spacing_has_exactly_n_distinct_timesteps_for_every_n():
+    # np.arange(T, 0, -T / n) yields n + 1 points for some n (61, 103, ...) when float rounding leaves its
+    # end just above 0, which became timestep -1.
+    from fewstep.samplers.schedules import DiscreteVPSchedule
+    from fewstep.samplers.timesteps import DiffusersSpacing
+
+    schedule = DiscreteVPSchedule.from_diffusers_config({})
+    for n in range(1, 1001):
+        t = DiffusersSpacing("trailing").times(schedule, n)
+        assert len(t) == n and len(set(t.tolist())) == n and t.min() >= 0 and t.max() == 999, n
