@@ -33,7 +33,37 @@ __all__ = ["FewstepScheduler", "HeavyBallScheduler", "GHVBScheduler", "SAMPLER_K
 SAMPLER_KEYS = ("sampler", "sampler_options", "momentum", "beta", "base")
 
 
-class FewstepScheduler(SchedulerMixin, ConfigMixin):
+class BeginIndexMixin:
+    """diffusers' position bookkeeping for our adapters: ``step_index``, ``begin_index`` and
+    ``set_begin_index``; each adapter supplies ``_begin_at(index)`` (restart its solver there)."""
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at model call ``begin_index``, i.e. at ``timesteps[begin_index]`` (img2img calls it with
+        ``t_start * order``). Without it, the first ``step`` locates its timestep in ``timesteps``
+        (the second match if it occurs twice, as diffusers' ``index_for_timestep``).
+
+        The solver restarts on the rest of the grid from the first call ``j >= begin_index`` where a
+        fresh run reproduces the remaining calls (multistep methods warm up again from first order;
+        PNDM / PLMS restart with their one-call-per-step AB warm-up, ``warmup="lower_order"``, since
+        the calls of their Runge-Kutta / improved-Euler warm-up are gone). The calls before ``j``
+        (inside a multi-call step) are bridged by first-order DDIM steps to the next call's timestep;
+        a call at the same timestep as the next one returns its sample unchanged.
+        """
+        if self.grid is None:
+            raise RuntimeError("call set_timesteps before set_begin_index")
+        self._begin_at(begin_index)
+        self._begin_index = begin_index
+
+
+class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any fewstep sampler on a discrete VP (DDPM) noise schedule.
 
     Args:
@@ -195,31 +225,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return config, kwargs
 
     # -- diffusers' bookkeeping --------------------------------------------------------------
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at model call ``begin_index``, i.e. at ``timesteps[begin_index]`` (img2img calls it with
-        ``t_start * order``). Without it, the first ``step`` locates its timestep in ``timesteps``
-        (the second match if it occurs twice, as diffusers' ``index_for_timestep``).
-
-        The solver restarts on the rest of the grid from the first call ``j >= begin_index`` where a
-        fresh run reproduces the remaining calls (multistep methods warm up again from first order;
-        PNDM / PLMS restart with their one-call-per-step AB warm-up, ``warmup="lower_order"``, since
-        the calls of their Runge-Kutta / improved-Euler warm-up are gone). The calls before ``j``
-        (inside a multi-call step) are bridged by first-order DDIM steps to the next call's timestep;
-        a call at the same timestep as the next one returns its sample unchanged.
-        """
-        if self.grid is None:
-            raise RuntimeError("call set_timesteps before set_begin_index")
-        self._begin_at(begin_index)
-        self._begin_index = begin_index
 
     def _begin_at(self, begin: int):
         if not 0 <= begin < len(self._plan):

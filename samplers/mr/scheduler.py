@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..denoisers import broadcast_like
+from ..schedulers import BeginIndexMixin
 from ..timesteps import Grid, check_steps, make_timesteps
 from .denoiser import MR_PREDICTION_TYPES, check_mu_shape, mr_prediction
 from .schedule import MRLinspace, MRSchedule
@@ -20,7 +21,7 @@ __all__ = ["MRScheduler"]
 _F64 = torch.float64
 
 
-class MRScheduler(SchedulerMixin, ConfigMixin):
+class MRScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     """The MR Sampler as a diffusers scheduler, for restoration loops that call the network on ``x``:
 
         sched = MRScheduler(prediction_type="noise")          # IR-SDE defaults: T=100, sigma 50/255
@@ -80,22 +81,6 @@ class MRScheduler(SchedulerMixin, ConfigMixin):
         self._run = self.solver.steps(grid, self._noise)
         next(self._run)
         self._step_index = None
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at ``timesteps[begin_index]``: the solver restarts on the rest of the grid. Without it,
-        the first ``step`` locates its timestep in ``timesteps`` (as diffusers' ``_init_step_index``)."""
-        if self.grid is None:
-            raise RuntimeError("call set_timesteps before set_begin_index")
-        self._begin_at(begin_index)
-        self._begin_index = begin_index
 
     def _begin_at(self, begin: int):
         if not 0 <= begin < len(self._plan):
