@@ -20,9 +20,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .denoisers import Prediction, broadcast_like, canonical_prediction_type, convert_prediction, dynamic_threshold
+from .flow import FLOW_SPACINGS, flow_sigmas
 from .registry import SAMPLERS, make_solver, resolve_name
-from .schedules import DiscreteVPSchedule
+from .schedules import DiscreteVPSchedule, FlowMatchingSchedule
 from .solvers import PNDM, Heun, Solver
+from .timeshift import TimeShift
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
 from .updates import ddim_step
 
@@ -31,6 +33,12 @@ __all__ = ["FewstepScheduler", "HeavyBallScheduler", "GHVBScheduler", "SAMPLER_K
 #: The config keys that belong to the sampler rather than to the noise schedule: ``from_config`` drops
 #: them when it switches to another sampler.
 SAMPLER_KEYS = ("sampler", "sampler_options", "momentum", "beta", "base")
+
+#: ``noise_schedule`` values: DDPM's discrete VP schedule, or the rectified-flow path of SD3 / Flux.
+NOISE_SCHEDULES = ("ddpm", "flow")
+#: A sampler name of the adapter beyond the registry: Time-Shift (``samplers.timeshift.TimeShift``)
+#: around ``sampler_options["solver"]``.
+TIME_SHIFT = "time_shift"
 
 
 class BeginIndexMixin:
@@ -104,8 +112,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "trailing",
+        prediction_type: str | None = None,
+        timestep_spacing: str | None = None,
         steps_offset: int = 0,
         final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
         rescale_betas_zero_snr: bool = False,
@@ -117,34 +125,78 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         momentum: float | None = None,
         beta: float | None = None,
         base: str | None = None,
+        noise_schedule: str = "ddpm",
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
+        if noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"unknown noise_schedule {noise_schedule!r}; expected one of {NOISE_SCHEDULES}")
+        flow = noise_schedule == "flow"
         options = dict(sampler_options or {})
         options.update({k: v for k, v in dict(momentum=momentum, beta=beta, base=base).items() if v is not None})
-        self.solver = make_solver(sampler or self.default_sampler, **options)
+        name = _resolve(sampler or self.default_sampler)
+        self.solver = _make_adapter_solver(name, options)
+        prediction_type = prediction_type or ("flow_prediction" if flow else "epsilon")
+        timestep_spacing = timestep_spacing or ("flow_match" if flow else "trailing")
         # The config names its sampler and class even when they are defaults, so that from_config can
         # tell which sampler a config (in memory or saved) runs; diffusers adds _class_name only on load.
-        self.register_to_config(sampler=resolve_name(sampler or self.default_sampler), _class_name=type(self).__name__)
-        self.noise_schedule = DiscreteVPSchedule.from_diffusers_config(self.config)
+        self.register_to_config(sampler=name, _class_name=type(self).__name__, prediction_type=prediction_type,
+                                timestep_spacing=timestep_spacing)
         canonical_prediction_type(prediction_type)
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type {prediction_type!r} is not a diffusers DDPM prediction type")
-        self.order = 2 if isinstance(self.solver, Heun) else 1
-        self._spacing = self._make_spacing(timestep_spacing, steps_offset)
+        if flow:
+            self.noise_schedule = FlowMatchingSchedule(0.0, 1.0)
+            if timestep_spacing not in FLOW_SPACINGS:
+                raise ValueError(f"timestep_spacing {timestep_spacing!r} is not a flow-matching rule; expected one "
+                                 f"of {FLOW_SPACINGS}")
+            if final_sigmas_type != "zero":
+                raise ValueError("flow-matching grids end at clean data: final_sigmas_type must be 'zero'")
+            if use_karras_sigmas and use_exponential_sigmas:
+                raise ValueError("use either use_karras_sigmas or use_exponential_sigmas, not both")
+            if time_shift_type not in ("exponential", "linear"):
+                raise ValueError(f"unknown time_shift_type {time_shift_type!r}; expected 'exponential' or 'linear'")
+        else:
+            self.noise_schedule = DiscreteVPSchedule.from_diffusers_config(self.config)
+            if prediction_type not in ("epsilon", "sample", "v_prediction"):
+                raise ValueError(f"prediction_type {prediction_type!r} is not a diffusers DDPM prediction type")
+            if use_karras_sigmas or use_exponential_sigmas:
+                raise ValueError("use_karras_sigmas / use_exponential_sigmas are read on flow schedules only here; "
+                                 "on a DDPM schedule pass timestep_spacing='karras'")
+            self._spacing = self._make_spacing(timestep_spacing, steps_offset)
+            self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected 'zero' or 'sigma_min'")
-        self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
+        self.order = 2 if isinstance(self.solver, Heun) else 1
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self.grid: Grid | None = None
         self._run = None
         self._plan: list[float] = []
+        self._call_timesteps: list[float] = []  # the model timestep of each planned call (what step is given)
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._bridge_end = 0  # model calls before this index are first-order bridge steps (a mid-run start)
         self._generator: torch.Generator | None = None
         self._variance_noise: Tensor | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        """True on a rectified-flow schedule (SD3 / Flux pipelines): timesteps are ``sigma * N``."""
+        return self.config.noise_schedule == "flow"
+
+    @property
+    def shift(self) -> float:
+        """The static flow shift (``FlowMatchEulerDiscreteScheduler.shift``)."""
+        return self.config.shift
 
     @staticmethod
     def _make_spacing(spacing: str, steps_offset: int) -> Timesteps:
@@ -181,7 +233,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
           schedulers inside ``config`` (``skip_prk_steps``, ``solver_order``, ...) stay ignored quietly.
         """
         if isinstance(config, dict) and "pretrained_model_name_or_path" not in kwargs:
-            config, kwargs = cls._switch_sampler(dict(config), dict(kwargs), check=not return_unused_kwargs)
+            config = _with_overrides(dict(config), _schedule_of_source(dict(config)))
+            config, kwargs = cls._switch_sampler(config, dict(kwargs), check=not return_unused_kwargs)
         return super().from_config(config, return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -190,12 +243,12 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         source_cls = _our_schedulers().get(config.get("_class_name", cls.__name__))
         source = None
         if config.get("sampler"):  # our __init__ records the sampler's name, default or not
-            source = resolve_name(config["sampler"])
+            source = _resolve(config["sampler"])
         elif source_cls is not None:
-            source = resolve_name(source_cls.default_sampler)
-        default = resolve_name(cls.default_sampler)
+            source = _resolve(source_cls.default_sampler)
+        default = _resolve(cls.default_sampler)
         if "sampler" in kwargs:
-            target = resolve_name(kwargs["sampler"] or cls.default_sampler)
+            target = _resolve(kwargs["sampler"] or cls.default_sampler)
         elif source is not None and source_cls is cls:
             target = source
         elif source is not None and source_cls is None and (cls is FewstepScheduler or source == default):
@@ -234,6 +287,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             if self._plan[j] not in grid_times:  # a Runge-Kutta stage between grid points
                 continue
             i = grid_times.index(self._plan[j])
+            if self.grid.alpha[i] == 0:  # pure noise: the solvers' x / alpha is undefined there (bridged)
+                continue
             tail = Grid(self.grid.t[i:], self.grid.alpha[i:], self.grid.sigma[i:], schedule=self.grid.schedule)
             for solver in _restart_forms(self.solver):
                 if solver.plan(tail) == self._plan[j:]:
@@ -246,10 +301,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def _first_index(self, timestep) -> int:
         """diffusers' ``_init_step_index``: the model call of the first ``step``'s timestep."""
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        matches = [k for k, p in enumerate(self._plan) if _same_time(t, p)]
+        matches = [k for k, p in enumerate(self._call_timesteps) if _same_time(t, p)]
         if not matches:
             raise ValueError(f"step got timestep {t:g}, which is not on this run's grid; {self.sampler_name} "
-                             f"calls the model at timesteps {self._plan}")
+                             f"calls the model at timesteps {self._call_timesteps}")
         begin = matches[1] if len(matches) > 1 else matches[0]
         if begin > 0:
             self._begin_at(begin)
@@ -261,24 +316,58 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     # -- the scheduler contract ----------------------------------------------------------------
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[int] | None = None, **kwargs):
-        """Build the grid for ``num_inference_steps`` (or explicit descending ``timesteps``) and reset all
-        per-run state. ``self.timesteps`` lists every model call, so its length is the NFE."""
-        if kwargs.get("sigmas") is not None:
-            raise ValueError("FewstepScheduler takes custom `timesteps`, not `sigmas`")
-        if timesteps is not None:
-            spacing, n = ExplicitTimesteps(timesteps), len(timesteps)
-        elif num_inference_steps is None:
-            raise ValueError("set_timesteps needs num_inference_steps or timesteps")
+                      sigmas: list[float] | None = None, mu: float | None = None,
+                      timesteps: list[float] | None = None):
+        """Build the grid and reset all per-run state. ``self.timesteps`` lists every model call, so its
+        length is the NFE.
+
+        DDPM schedules: ``num_inference_steps`` on ``timestep_spacing``, or explicit descending integer
+        ``timesteps``. Flow schedules (``FlowMatchEulerDiscreteScheduler``'s contract): the pipeline's
+        ``sigmas`` and ``mu`` (dynamic shifting) or ``timesteps``, read by ``samplers.flow.flow_sigmas``
+        exactly as diffusers' scheduler of the config's ``timestep_spacing`` rule reads them;
+        ``self.sigmas`` then holds the grid's sigmas and a final 0. A grid that starts at pure noise
+        (sigma = 1, where ``x / alpha`` is undefined) takes its first step by DDIM (every solver's first-order
+        step, exact there), and the solver runs on the rest of the grid.
+        """
+        if self.is_flow:
+            grid, call_time = self._flow_grid(num_inference_steps, sigmas, mu, timesteps)
         else:
-            spacing, n = self._spacing, check_steps(num_inference_steps)
-        final = "zero" if self.config.final_sigmas_type == "zero" else "t_min"
-        self.num_inference_steps = n
-        self.grid = spacing.grid(self.noise_schedule, n, final=final)
-        self._plan = self.solver.plan(self.grid)
-        self._start(self.grid)
-        self.timesteps = _as_timestep_tensor(self._plan, device)
+            if sigmas is not None or mu is not None:
+                raise ValueError("on a DDPM schedule FewstepScheduler takes custom `timesteps`, not `sigmas` / `mu`")
+            if timesteps is not None:
+                spacing, n = ExplicitTimesteps(timesteps), len(timesteps)
+            elif num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps or timesteps")
+            else:
+                spacing, n = self._spacing, check_steps(num_inference_steps)
+            final = "zero" if self.config.final_sigmas_type == "zero" else "t_min"
+            grid, call_time = spacing.grid(self.noise_schedule, n, final=final), None
+        self.num_inference_steps = grid.n_steps
+        self.grid = grid
+        if float(grid.alpha[0]) == 0:  # pure noise: one DDIM step to the next grid point, then the solver
+            tail = _tail(grid, 1)
+            self._plan = [float(grid.t[0])] + self.solver.plan(tail)
+            self._start(tail)
+            self._bridge_end = 1
+        else:
+            self._plan = self.solver.plan(grid)
+            self._start(grid)
+        self._call_timesteps = [call_time(t) for t in self._plan] if call_time else list(self._plan)
+        self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device) if self.is_flow
+                          else _as_timestep_tensor(self._plan, device))
         self._begin_index = None
+
+    def _flow_grid(self, n, sigmas, mu, timesteps):
+        """The flow grid of ``flow_sigmas`` and the model timestep of a planned time: diffusers' own at grid
+        points, ``t * N`` between them (Runge-Kutta stages)."""
+        if n is not None:
+            n = check_steps(n)
+        sig, model_t = flow_sigmas(self.config, self.config.timestep_spacing, n, sigmas, mu, timesteps)
+        grid = Grid.from_times(self.noise_schedule, torch.from_numpy(sig).to(torch.float64), final="zero")
+        self.sigmas = torch.cat([torch.from_numpy(sig), torch.zeros(1)])
+        at_grid = {float(t): float(m) for t, m in zip(grid.t[:-1].tolist(), model_t.tolist())}
+        N = self.config.num_train_timesteps
+        return grid, lambda t: at_grid.get(t, t * N)
 
     def _start(self, grid: Grid, solver: Solver | None = None):
         """A fresh solver run over ``grid`` (the whole grid, or its tail for img2img)."""
@@ -318,8 +407,9 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             raise RuntimeError(f"step called {k + 1} times for a run of {len(self._plan)} model calls; "
                                "call set_timesteps to start a new run")
         t = self._plan[k]
-        if not _same_time(float(torch.as_tensor(timestep).reshape(-1)[0]), t):
-            raise ValueError(f"step got timestep {timestep} but model call {k} of this run is at {t}")
+        if not _same_time(float(torch.as_tensor(timestep).reshape(-1)[0]), self._call_timesteps[k]):
+            raise ValueError(f"step got timestep {timestep} but model call {k} of this run is at "
+                             f"{self._call_timesteps[k]}")
         dtype = sample.dtype
         x = sample.float() if dtype in (torch.float16, torch.bfloat16) else sample
         pred = self._prediction(model_output.to(x.dtype), x, t)
@@ -346,7 +436,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def _prediction(self, model_output: Tensor, x: Tensor, t: float) -> Prediction:
         tt = torch.tensor(t, dtype=torch.float64)
         alpha, sigma = self.noise_schedule.alpha(tt), self.noise_schedule.sigma(tt)
-        pred = convert_prediction(model_output, x, alpha, sigma, self.config.prediction_type)
+        derivs = {}
+        if self.is_flow:
+            derivs = dict(alpha_dot=self.noise_schedule.alpha_dot(tt), sigma_dot=self.noise_schedule.sigma_dot(tt))
+        pred = convert_prediction(model_output, x, alpha, sigma, self.config.prediction_type, **derivs)
         if not (self.config.thresholding or self.config.clip_sample):
             return pred
         if self.config.thresholding:
@@ -358,9 +451,25 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         # network's own eps. ModelDenoiser(clip=...) instead recomputes eps from the clipped x0.
         return Prediction(x0, pred.eps)
 
+    def _schedule_times(self, timesteps) -> Tensor:
+        """Schedule times of model ``timesteps``: themselves on DDPM schedules; on flow schedules the grid
+        time of a planned call's timestep (diffusers' DPM truncates them), else ``timestep / N``."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        if not self.is_flow:
+            return t
+        out = []
+        for v in t.tolist():
+            k = next((k for k, c in enumerate(self._call_timesteps) if _same_time(v, c)), None)
+            out.append(self._plan[k] if k is not None else v / self.config.num_train_timesteps)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def scale_noise(self, sample: Tensor, timestep, noise: Tensor) -> Tensor:
+        """``FlowMatchEulerDiscreteScheduler.scale_noise``: ``(1 - sigma) x0 + sigma eps`` (img2img in SD3 / Flux)."""
+        return self.add_noise(sample, noise, timestep)
+
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The forward process ``alpha_t x0 + sigma_t eps`` at (per-sample) ``timesteps``."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        t = self._schedule_times(timesteps)
         alpha = self.noise_schedule.alpha(t).to(original_samples.device)
         sigma = self.noise_schedule.sigma(t).to(original_samples.device)
         x = original_samples
@@ -368,7 +477,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The v-prediction target ``alpha_t eps - sigma_t x0`` (for training with ``prediction_type='v_prediction'``)."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        t = self._schedule_times(timesteps)
         alpha = self.noise_schedule.alpha(t).to(sample.device)
         sigma = self.noise_schedule.sigma(t).to(sample.device)
         return (broadcast_like(alpha, sample) * noise - broadcast_like(sigma, sample) * sample).to(sample.dtype)
@@ -377,6 +486,88 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def nfe(self) -> int:
         """Model calls of the current run (``len(self.timesteps)``)."""
         return len(self._plan)
+
+
+def _schedule_of_source(config: dict) -> dict:
+    """The noise-schedule keys of a diffusers scheduler's config as this adapter reads them, or an error for
+    one it cannot read (never a DDPM schedule made up from defaults).
+
+    - ``FlowMatch*`` schedulers (SD3, Flux): ``noise_schedule="flow"``, their shift keys as they are,
+      ``timestep_spacing="flow_match"``, velocity prediction;
+    - ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` (Sana): the same with ``flow_shift`` as
+      ``shift`` and ``timestep_spacing="flow_dpm"``;
+    - DDPM-family schedulers: ``noise_schedule="ddpm"``; beta / Lu sigmas, EDM-preconditioned (``EDM*``,
+      ``sigma_data``) and VE (sigma range without betas) configs raise, unless every VE value is a default
+      (an EDM scheduler ``from_config``'d from a DDPM config carries nothing of its own).
+    A config of ours (``_class_name`` one of our schedulers) is read as it is.
+    """
+    name = config.get("_class_name") or ""
+    if name in _our_schedulers():
+        return {}
+    if config.get("sampler") and ("noise_schedule" in config or "beta_start" in config):
+        return {}  # our keys, kept by a diffusers scheduler we were switched to: switching back
+    if config.get("invert_sigmas"):
+        raise ValueError(f"{name or 'this'} config has invert_sigmas=True (sampling from data to noise); "
+                         "fewstep's schedulers only sample from noise to data")
+    for key in ("use_beta_sigmas", "use_lu_lambdas"):
+        if config.get(key):
+            raise ValueError(f"{name or 'this'} config sets {key}=True, a sigma spacing fewstep does not read")
+    flow_keys = {"use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len", "shift_terminal"}
+    if name.startswith("FlowMatch") or (not name and "beta_start" not in config and flow_keys & set(config)):
+        return {"noise_schedule": "flow", "timestep_spacing": "flow_match", "prediction_type": "flow_prediction"}
+    if config.get("use_flow_sigmas"):
+        if name not in ("DPMSolverMultistepScheduler", ""):
+            raise ValueError(f"the flow sigmas of {name} are not read; from_config a FlowMatchEulerDiscreteScheduler "
+                             "or DPMSolverMultistepScheduler(use_flow_sigmas=True) config")
+        if config.get("prediction_type", "flow_prediction") != "flow_prediction":
+            raise ValueError("use_flow_sigmas with a non-flow prediction type is not read")
+        return {"noise_schedule": "flow", "timestep_spacing": "flow_dpm", "prediction_type": "flow_prediction",
+                "shift": float(config.get("flow_shift", 1.0)), "use_karras_sigmas": False,
+                "use_exponential_sigmas": False}
+    if config.get("prediction_type") == "flow_prediction":
+        raise ValueError(f"{name or 'this'} config predicts flow velocity without flow sigmas; not read")
+    defaulted = set(config.get("_use_default_values", []))
+    own_ve = {"sigma_min", "sigma_max", "sigma_data"} & set(config) - defaulted  # an EDM config's own values
+    if (name.startswith("EDM") or "sigma_data" in config) and own_ve:
+        raise ValueError(f"{name or 'this'} is an EDM-preconditioned scheduler config (sigma_data); FewstepScheduler "
+                         "reads DDPM and flow-matching configs; use fewstep.samplers.kdiffusion on a k-diffusion denoiser")
+    if "beta_start" not in config and "trained_betas" not in config and own_ve:
+        raise ValueError(f"{name or 'this'} is a VE (sigma range) scheduler config without betas; not read")
+    for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+        if config.get(key):
+            raise ValueError(f"{name or 'this'} config sets {key}=True; its sigma spacing is not read yet")
+    return {"noise_schedule": "ddpm"}
+
+
+def _with_overrides(config: dict, overrides: dict) -> dict:
+    """``config`` with ``overrides`` set, and no longer listed as defaults (diffusers' ``from_config``
+    does not pass a key of ``_use_default_values`` on)."""
+    if not overrides:
+        return config
+    out = {**config, **overrides}
+    if "_use_default_values" in config:
+        out["_use_default_values"] = [k for k in config["_use_default_values"] if k not in overrides]
+    return out
+
+
+def _tail(grid: Grid, i: int) -> Grid:
+    return Grid(grid.t[i:], grid.alpha[i:], grid.sigma[i:], schedule=grid.schedule)
+
+
+def _resolve(name: str) -> str:
+    """The registry name of ``name``, or ``TIME_SHIFT``."""
+    return TIME_SHIFT if name == TIME_SHIFT else resolve_name(name)
+
+
+def _make_adapter_solver(name: str, options: dict) -> Solver:
+    """``make_solver``, and Time-Shift: ``sampler_options = {"solver": "ddim", "window": .., "cutoff": ..}``
+    (window and cutoff in the schedule's times: training indices on DDPM, sigma on flow schedules)."""
+    if name != TIME_SHIFT:
+        return make_solver(name, **options)
+    try:
+        return TimeShift(**{"solver": "ddim", **options})
+    except TypeError as err:
+        raise ValueError(f"bad option for sampler {TIME_SHIFT!r}: {err}") from None
 
 
 def _same_time(t: float, planned: float) -> bool:
@@ -393,6 +584,9 @@ def _restart_forms(solver: Solver) -> list[Solver]:
 
 def _sampler_option_keys(name: str) -> set[str]:
     """The keyword options of a registered sampler (its factory's parameters less those fixed by the name)."""
+    if name == TIME_SHIFT:
+        params = inspect.signature(TimeShift.__init__).parameters.values()
+        return {p.name for p in params if p.kind is not p.VAR_KEYWORD} - {"self"}
     spec = SAMPLERS[name]
     return set(inspect.signature(spec.factory).parameters) - set(spec.fixed) - {"self"}
 
