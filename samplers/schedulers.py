@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal
 
+import numpy as np
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
@@ -39,6 +41,14 @@ NOISE_SCHEDULES = ("ddpm", "flow")
 #: A sampler name of the adapter beyond the registry: Time-Shift (``samplers.timeshift.TimeShift``)
 #: around ``sampler_options["solver"]``.
 TIME_SHIFT = "time_shift"
+#: diffusers' two Karras-sigma rules on DDPM schedules (``use_karras_sigmas=True``): ``"euler"``
+#: (Euler / Heun / LMS: between the spacing's first and last sigma, fractional timesteps) and ``"dpm"``
+#: (DPM-Solver / UniPC: the whole training range, timesteps rounded to integers except for cosine betas).
+KARRAS_STYLES = ("euler", "dpm")
+#: Source classes whose Karras sigmas are read, by rule (each checked against the class in the tests).
+KARRAS_SOURCES = {"EulerDiscreteScheduler": "euler",
+                  "HeunDiscreteScheduler": "euler", "LMSDiscreteScheduler": "euler",
+                  "DPMSolverMultistepScheduler": "dpm", "UniPCMultistepScheduler": "dpm"}
 
 
 class BeginIndexMixin:
@@ -136,6 +146,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         shift_terminal: float | None = None,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
+        karras_style: str = "euler",
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
         if noise_schedule not in NOISE_SCHEDULES:
@@ -167,10 +178,12 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             self.noise_schedule = DiscreteVPSchedule.from_diffusers_config(self.config)
             if prediction_type not in ("epsilon", "sample", "v_prediction"):
                 raise ValueError(f"prediction_type {prediction_type!r} is not a diffusers DDPM prediction type")
-            if use_karras_sigmas or use_exponential_sigmas:
-                raise ValueError("use_karras_sigmas / use_exponential_sigmas are read on flow schedules only here; "
-                                 "on a DDPM schedule pass timestep_spacing='karras'")
+            if use_exponential_sigmas:
+                raise ValueError("use_exponential_sigmas is read on flow schedules only")
             self._spacing = self._make_spacing(timestep_spacing, steps_offset)
+            if use_karras_sigmas and (karras_style not in KARRAS_STYLES or not isinstance(self._spacing, DiffusersSpacing)):
+                raise ValueError(f"use_karras_sigmas needs karras_style in {KARRAS_STYLES} and a diffusers "
+                                 f"timestep_spacing {DiffusersSpacing.SPACINGS}; got {karras_style!r}, {timestep_spacing!r}")
             self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected 'zero' or 'sigma_min'")
@@ -341,9 +354,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             else:
                 spacing, n = self._spacing, check_steps(num_inference_steps)
             final = "zero" if self.config.final_sigmas_type == "zero" else "t_min"
-            grid, call_time = spacing.grid(self.noise_schedule, n, final=final), None
+            if self.config.use_karras_sigmas and timesteps is None:
+                grid, call_time = self._karras_grid(n, final)
+            else:
+                grid, call_time = spacing.grid(self.noise_schedule, n, final=final), None
         self.num_inference_steps = grid.n_steps
         self.grid = grid
+        self.init_noise_sigma = self._init_noise_sigma(grid)
         if float(grid.alpha[0]) == 0:  # pure noise: one DDIM step to the next grid point, then the solver
             tail = _tail(grid, 1)
             self._plan = [float(grid.t[0])] + self.solver.plan(tail)
@@ -354,8 +371,37 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             self._start(grid)
         self._call_timesteps = [call_time(t) for t in self._plan] if call_time else list(self._plan)
         self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device) if self.is_flow
-                          else _as_timestep_tensor(self._plan, device))
+                          else _as_timestep_tensor(self._call_timesteps, device))
         self._begin_index = None
+
+    def _init_noise_sigma(self, grid: Grid) -> float:
+        """1 (the VP prior), except after a swap from an Euler-style Karras config with ``linspace`` /
+        ``trailing`` spacing: diffusers' Euler / Heun / LMS start there from ``sigma_max z`` in VE terms,
+        i.e. ``sigma(t_0) z`` in our VP sample, and so do we (the same image from the same noise)."""
+        euler_start = (not self.is_flow and self.config.use_karras_sigmas and self.config.karras_style == "euler"
+                       and self.config.timestep_spacing in ("linspace", "trailing"))
+        return float(grid.sigma[0]) if euler_start else 1.0
+
+    def _karras_grid(self, n: int, final: str):
+        """diffusers' Karras sigmas (rho = 7) on this DDPM schedule, by ``karras_style``, and the model timestep
+        of a planned time (rounded for ``"dpm"``, as diffusers; the solver keeps the exact sigma)."""
+        schedule, T = self.noise_schedule, self.config.num_train_timesteps
+        train = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers computes it
+        if self.config.karras_style == "euler":
+            ends = self._spacing.times(schedule, n)
+            hi, lo = float(train[int(ends[0])]), float(train[int(ends[-1])])
+        else:
+            hi, lo = float(train[-1]), float(train[0])
+        ramp, rho = np.linspace(0, 1, n), 7.0
+        karras = ((hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho).astype(np.float32)
+        # float32 round-off may put the ends a hair outside the schedule: clamp to its sigma range first
+        bounds = schedule.sigma_bar(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64))
+        sig = torch.from_numpy(karras).to(torch.float64).clamp(bounds[0].item(), bounds[1].item())
+        t = schedule.t_from_sigma_bar(sig).clamp(schedule.t_min, schedule.t_max)
+        grid = Grid.from_times(schedule, t, final=final)
+        if self.config.karras_style == "euler" or self.config.beta_schedule == "squaredcos_cap_v2":
+            return grid, None
+        return grid, lambda u: float(np.round(u))
 
     def _flow_grid(self, n, sigmas, mu, timesteps):
         """The flow grid of ``flow_sigmas`` and the model timestep of a planned time: diffusers' own at grid
@@ -533,10 +579,23 @@ def _schedule_of_source(config: dict) -> dict:
                          "reads DDPM and flow-matching configs; use fewstep.samplers.kdiffusion on a k-diffusion denoiser")
     if "beta_start" not in config and "trained_betas" not in config and own_ve:
         raise ValueError(f"{name or 'this'} is a VE (sigma range) scheduler config without betas; not read")
-    for key in ("use_karras_sigmas", "use_exponential_sigmas"):
-        if config.get(key):
-            raise ValueError(f"{name or 'this'} config sets {key}=True; its sigma spacing is not read yet")
-    return {"noise_schedule": "ddpm"}
+    if config.get("use_exponential_sigmas"):
+        raise ValueError(f"{name or 'this'} config sets use_exponential_sigmas=True on a DDPM schedule; not read")
+    if config.get("use_karras_sigmas"):
+        if not name:  # a scheduler built in code has no _class_name: multistep solvers have solver_order
+            style = "dpm" if "solver_order" in config else "euler"
+        elif name in KARRAS_SOURCES:
+            style = KARRAS_SOURCES[name]
+        else:
+            raise ValueError(f"the Karras sigmas of {name} are not read; known: {sorted(KARRAS_SOURCES)}")
+        for key, default in (("sigma_min", None), ("sigma_max", None), ("interpolation_type", "linear"),
+                             ("timestep_type", "discrete")):
+            if config.get(key, default) != default:
+                raise ValueError(f"{name} config sets {key}={config[key]!r} with Karras sigmas; not read")
+        # the range of Euler-style Karras sigmas follows the source's spacing, even its class default
+        return {"noise_schedule": "ddpm", "karras_style": style,
+                "timestep_spacing": config.get("timestep_spacing", "linspace"), "steps_offset": config.get("steps_offset", 0)}
+    return {"noise_schedule": "ddpm", "use_karras_sigmas": False}
 
 
 def _with_overrides(config: dict, overrides: dict) -> dict:
