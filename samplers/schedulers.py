@@ -3,9 +3,12 @@
     pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, sampler="dpmpp_2m")
 
 The adapter is thin: ``set_timesteps`` builds our ``Grid`` and starts the solver's step generator;
-``step`` turns the model output into ``(x0, eps)`` and sends it to the generator. The pipeline holds
-VP samples (``init_noise_sigma = 1``, ``scale_model_input`` is the identity), so it works in
-``DDPMPipeline`` (which calls neither) and in Stable-Diffusion-style pipelines alike.
+``step`` turns the model output into ``(x0, eps)`` and sends it to the generator. On DDPM schedules
+the pipeline holds VP samples (``init_noise_sigma = 1``, ``scale_model_input`` is the identity), so it
+works in ``DDPMPipeline`` (which calls neither), in Stable-Diffusion-style pipelines and in Euler /
+Karras-sigma ones alike (they ask the scheduler for both). On flow-matching schedules (SD3, Flux,
+Sana) it follows ``FlowMatchEulerDiscreteScheduler``'s contract: ``set_timesteps(n, device, sigmas=...,
+mu=...)``, timesteps ``sigma * 1000``, velocity output, ``scale_noise`` for img2img.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class BeginIndexMixin:
 
 
 class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
-    """A diffusers scheduler running any fewstep sampler on a discrete VP (DDPM) noise schedule.
+    """A diffusers scheduler running any fewstep sampler on a DDPM (discrete VP) or flow-matching schedule.
 
     Args:
         sampler: a name from ``samplers.SAMPLERS`` (``"ddim"``, ``"dpmpp_2m"``, ``"pndm"``, ``"ghvb"``, ...);
@@ -93,14 +96,28 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         rescale_betas_zero_snr: the training noise schedule, as every DDPM-family diffusers scheduler
             reads it (so ``from_config`` of any of them carries it over).
-        prediction_type: ``"epsilon"``, ``"sample"``, ``"v_prediction"``.
+        prediction_type: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` (default ``"epsilon"``); on flow
+            schedules also ``"flow_prediction"`` (the velocity ``eps - x0``, their default).
         timestep_spacing: diffusers' ``"leading"`` / ``"trailing"`` / ``"linspace"`` (integer
             timesteps, ``steps_offset`` applies to ``"leading"``), or a continuous fewstep spacing
-            (``"karras"``, ``"log_snr"``, ``"time_uniform"``, ``"time_quadratic"``: fractional timesteps).
+            (``"karras"``, ``"log_snr"``, ``"time_uniform"``, ``"time_quadratic"``: fractional timesteps);
+            default ``"trailing"``. Flow schedules: ``"flow_match"`` (FlowMatchEuler's rule, default) or
+            ``"flow_dpm"`` (DPM-Solver's ``use_flow_sigmas`` rule), see ``samplers.flow``.
+        noise_schedule: ``"ddpm"`` (the betas above) or ``"flow"`` (rectified flow, ``x = (1 - t) x0 + t eps``);
+            ``from_config`` picks it from the source config (``_schedule_of_source``).
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len,
+        time_shift_type, shift_terminal: ``FlowMatchEulerDiscreteScheduler``'s keys (flow schedules).
+        use_karras_sigmas, karras_style: diffusers' Karras sigmas on a DDPM schedule, by the source's rule
+            (``KARRAS_STYLES``); on flow schedules ``use_karras_sigmas`` / ``use_exponential_sigmas``
+            respace FlowMatchEuler's sigmas as it does.
         final_sigmas_type: ``"zero"`` ends at clean data; ``"sigma_min"`` at ``alphas_cumprod[0]``
             (diffusers' ``set_alpha_to_one=False``).
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             post-processing of the data prediction, with diffusers' meanings.
+
+    ``sampler="time_shift"`` runs Time-Shift (``samplers.timeshift.TimeShift``) around
+    ``sampler_options["solver"]`` (default ``"ddim"``) with its ``window`` and ``cutoff`` in the
+    schedule's times (training indices on DDPM, sigma on flow schedules).
 
     ``order`` is the number of model calls per step as diffusers' pipelines count them: 2 for ``heun``
     (as diffusers' ``HeunDiscreteScheduler``), 1 otherwise (PNDM's warm-up calls are extra, as in
