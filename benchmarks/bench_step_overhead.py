@@ -1,6 +1,14 @@
 """Per-step solver overhead of fewstep (diffusers adapter and native Sampler) vs diffusers' own schedulers.
 
     python benchmarks/bench_step_overhead.py [--batch 16] [--size 32] [--steps 10] [--reps 5] [--threads 1]
+    python benchmarks/bench_step_overhead.py --step-cost [--runs 25]     # the issue's protocol
+
+``--step-cost`` (issue 16's protocol): one process, random model outputs (no network), batch
+16 x 3 x 32 x 32, one thread; for every sampler the time inside ``scheduler.step`` per call, fastest of
+``--runs`` runs interleaved with diffusers' own scheduler for the same method where one exists
+(``set_timesteps`` excluded), and the ratio adapter / diffusers.
+
+Default mode:
 
 One process, one random ~1M-parameter UNet2DModel, one batch. Every sampler runs the same sampling
 problem ``reps`` times, taking the median run:
@@ -17,6 +25,7 @@ no run is slowed by infinities or denormals. Print-only.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -97,14 +106,77 @@ def measure(run, unet, reps):
     return [statistics.median(col) for col in zip(*rows)]
 
 
+# (label, diffusers scheduler or None, adapter keywords): the --step-cost table
+STEP_CASES = [
+    ("ddim", lambda: DDIMScheduler(clip_sample=False, timestep_spacing="trailing"), {"sampler": "ddim"}),
+    ("dpmpp_2m", lambda: DPMSolverMultistepScheduler(timestep_spacing="trailing"), {"sampler": "dpmpp_2m"}),
+    ("euler", lambda: EulerDiscreteScheduler(timestep_spacing="trailing"), {"sampler": "euler"}),
+    ("plms", lambda: PNDMScheduler(skip_prk_steps=True, timestep_spacing="trailing"), {"sampler": "plms"}),
+]
+
+
+def _step_cases():
+    """Every registry sampler (those with a diffusers counterpart first) and Time-Shift."""
+    from fewstep.samplers import SAMPLERS
+
+    paired = {kw["sampler"] for _, _, kw in STEP_CASES}
+    rest = [(name, None, {"sampler": name}) for name in SAMPLERS if name not in paired]
+    ts = ("time_shift", None, {"sampler": "time_shift", "sampler_options": {"solver": "ddim", "window": 30, "cutoff": 300}})
+    return STEP_CASES + rest + [ts]
+
+
+@torch.no_grad()
+def time_steps(scheduler, x_T, outputs, steps):
+    """Seconds inside ``step`` for one run (model outputs ``eps = x + 0.01 r``, r drawn beforehand)."""
+    scheduler.set_timesteps(steps)
+    x, total = x_T, 0.0
+    extra = {"generator": torch.Generator().manual_seed(1)} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for k, t in enumerate(scheduler.timesteps):
+        out = scheduler.scale_model_input(x, t) + outputs[k % len(outputs)]
+        start = time.perf_counter()
+        x = scheduler.step(out, t, x, **extra).prev_sample
+        total += time.perf_counter() - start
+    return total, len(scheduler.timesteps)
+
+
+def step_cost(args):
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # from_config's notes on keys of other schedulers
+    torch.set_num_threads(1)
+    shape = (args.batch, 3, args.size, args.size)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(shape, generator=g)
+    outputs = [0.01 * torch.randn(shape, generator=g) for _ in range(8)]
+    print(f"step() per call (us), random model outputs, batch {' x '.join(map(str, shape))}, {args.steps} steps, "
+          f"fastest of {args.runs} interleaved runs, 1 thread, torch {torch.__version__}")
+    print(f"{'sampler':<18} {'NFE':>4} {'diffusers':>10} {'adapter':>10} {'ratio':>7}")
+    for label, make_reference, kw in _step_cases():
+        config = DDIMScheduler(clip_sample=False).config
+        ours_best = ref_best = float("inf")
+        for _ in range(args.runs):
+            seconds, nfe = time_steps(FewstepScheduler.from_config(config, **kw), x_T, outputs, args.steps)
+            ours_best = min(ours_best, seconds / nfe)
+            if make_reference is not None:
+                seconds, ref_nfe = time_steps(make_reference(), x_T, outputs, args.steps)
+                ref_best = min(ref_best, seconds / ref_nfe)
+        ref = f"{ref_best * 1e6:>10.0f}" if make_reference is not None else f"{'-':>10}"
+        ratio = f"{ours_best / ref_best:>7.2f}" if make_reference is not None else f"{'-':>7}"
+        print(f"{label:<18} {nfe:>4} {ref} {ours_best * 1e6:>10.0f} {ratio}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step-cost", action="store_true", help="issue 16's protocol: step() alone, random outputs")
+    parser.add_argument("--runs", type=int, default=25)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny convs: 1 is fastest)")
     args = parser.parse_args(argv)
+    if args.step_cost:
+        return step_cost(args)
     torch.set_num_threads(args.threads)
 
     unet = make_unet(args.size)

@@ -179,7 +179,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         # tell which sampler a config (in memory or saved) runs; diffusers adds _class_name only on load.
         self.register_to_config(sampler=name, _class_name=type(self).__name__, prediction_type=prediction_type,
                                 timestep_spacing=timestep_spacing)
-        canonical_prediction_type(prediction_type)
+        self._prediction_kind = canonical_prediction_type(prediction_type)
+        self._coefs: list[tuple] = []
         if flow:
             self.noise_schedule = FlowMatchingSchedule(0.0, 1.0)
             if timestep_spacing not in FLOW_SPACINGS:
@@ -330,7 +331,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     def _first_index(self, timestep) -> int:
         """diffusers' ``_init_step_index``: the model call of the first ``step``'s timestep."""
-        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        t = _first_value(timestep)
         matches = [k for k, p in enumerate(self._call_timesteps) if _same_time(t, p)]
         if not matches:
             raise ValueError(f"step got timestep {t:g}, which is not on this run's grid; {self.sampler_name} "
@@ -387,6 +388,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             self._plan = self.solver.plan(grid)
             self._start(grid)
         self._call_timesteps = [call_time(t) for t in self._plan] if call_time else list(self._plan)
+        self._coefs = [self._coefficients(t) for t in self._plan]
         self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device) if self.is_flow
                           else _as_timestep_tensor(self._call_timesteps, device))
         self._begin_index = None
@@ -470,12 +472,12 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             raise RuntimeError(f"step called {k + 1} times for a run of {len(self._plan)} model calls; "
                                "call set_timesteps to start a new run")
         t = self._plan[k]
-        if not _same_time(float(torch.as_tensor(timestep).reshape(-1)[0]), self._call_timesteps[k]):
+        if not _same_time(_first_value(timestep), self._call_timesteps[k]):
             raise ValueError(f"step got timestep {timestep} but model call {k} of this run is at "
                              f"{self._call_timesteps[k]}")
         dtype = sample.dtype
         x = sample.float() if dtype in (torch.float16, torch.bfloat16) else sample
-        pred = self._prediction(model_output.to(x.dtype), x, t)
+        pred = self._prediction(model_output if model_output.dtype == x.dtype else model_output.to(x.dtype), x, k)
         if k < self._bridge_end:
             x_next = self._bridge(x, pred, t, self._plan[k + 1])
         else:
@@ -485,7 +487,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             finally:
                 self._generator = self._variance_noise = None
         self._step_index = k + 1
-        prev_sample = x_next.to(dtype)
+        prev_sample = x_next if x_next.dtype == dtype else x_next.to(dtype)
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
     def _bridge(self, x: Tensor, pred: Prediction, t: float, t_next: float) -> Tensor:
@@ -496,13 +498,20 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         tt = torch.tensor(t_next, dtype=torch.float64)
         return ddim_step(pred.x0, pred.eps, self.noise_schedule.alpha(tt).item(), self.noise_schedule.sigma(tt).item())
 
-    def _prediction(self, model_output: Tensor, x: Tensor, t: float) -> Prediction:
+    def _coefficients(self, t: float) -> tuple:
+        """``(alpha, sigma[, alpha_dot, sigma_dot])`` at ``t`` as Python floats (flow schedules add the
+        derivatives a velocity needs)."""
         tt = torch.tensor(t, dtype=torch.float64)
-        alpha, sigma = self.noise_schedule.alpha(tt), self.noise_schedule.sigma(tt)
-        derivs = {}
+        out = (self.noise_schedule.alpha(tt).item(), self.noise_schedule.sigma(tt).item())
         if self.is_flow:
-            derivs = dict(alpha_dot=self.noise_schedule.alpha_dot(tt), sigma_dot=self.noise_schedule.sigma_dot(tt))
-        pred = convert_prediction(model_output, x, alpha, sigma, self.config.prediction_type, **derivs)
+            out += (self.noise_schedule.alpha_dot(tt).item(), self.noise_schedule.sigma_dot(tt).item())
+        return out
+
+    def _prediction(self, model_output: Tensor, x: Tensor, k: int) -> Prediction:
+        """``(x0, eps)`` of model call ``k`` (its coefficients computed once, in ``set_timesteps``)."""
+        c = self._coefs[k]
+        derivs = {"alpha_dot": c[2], "sigma_dot": c[3]} if len(c) == 4 else {}
+        pred = convert_prediction(model_output, x, c[0], c[1], self._prediction_kind, **derivs)
         if not (self.config.thresholding or self.config.clip_sample):
             return pred
         if self.config.thresholding:
@@ -644,6 +653,15 @@ def _make_adapter_solver(name: str, options: dict) -> Solver:
         return TimeShift(**{"solver": "ddim", **options})
     except TypeError as err:
         raise ValueError(f"bad option for sampler {TIME_SHIFT!r}: {err}") from None
+
+
+def _first_value(timestep) -> float:
+    """The (first) timestep as a float: a pipeline passes a 0-d tensor, an int, or one per sample."""
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    if torch.is_tensor(timestep) and timestep.ndim == 0:
+        return timestep.item()
+    return float(torch.as_tensor(timestep).reshape(-1)[0])
 
 
 def _same_time(t: float, planned: float) -> bool:
