@@ -2,11 +2,16 @@
 
     python benchmarks/bench_step_overhead.py [--batch 16] [--size 32] [--steps 10] [--reps 5] [--threads 1]
     python benchmarks/bench_step_overhead.py --step-cost [--runs 25]     # the issue's protocol
+    python benchmarks/bench_step_overhead.py --teacher-share [--batch 16]  # the embedded teacher
 
 ``--step-cost`` (issue 16's protocol): one process, random model outputs (no network), batch
 16 x 3 x 32 x 32, one thread; for every sampler the time inside ``scheduler.step`` per call, fastest of
 ``--runs`` runs interleaved with diffusers' own scheduler for the same method where one exists
 (``set_timesteps`` excluded), and the ratio adapter / diffusers.
+
+``--teacher-share``: the share of a sampling run's wall time that is not the network, on the embedded
+Fashion-MNIST teacher (``fewstep.teachers.FMNIST``), for the adapter in its ``DDPMPipeline`` and for
+the native ``Sampler``, fastest of ``--runs`` runs.
 
 Default mode:
 
@@ -165,8 +170,69 @@ def step_cost(args):
         print(f"{label:<18} {nfe:>4} {ref} {ours_best * 1e6:>10.0f} {ratio}")
 
 
+def teacher_share(args):
+    """Non-network share of a sampling run on the embedded teacher (adapter in its pipeline; native)."""
+    from diffusers import DDPMPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from fewstep.teachers import FMNIST
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    pipe = DDPMPipeline.from_pretrained(str(FMNIST))
+    pipe.set_progress_bar_config(disable=True)
+    unet, config = pipe.unet.eval(), dict(pipe.scheduler.config)
+    timed = TimedModel(unet)
+    pipe.unet = _TimedModule(unet, timed)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    print(f"embedded teacher {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, batch {args.batch} x "
+          f"{channels} x {size} x {size}, {args.threads} thread(s), fastest of {args.runs} runs")
+    print(f"{'sampler':<10} {'NFE':>4} {'path':<8} {'run (ms)':>9} {'network (ms)':>13} {'non-network':>12}")
+    x_T = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(0))
+    for name in ("ddim", "dpmpp_2m", "euler", "plms", "ghvb"):
+        for path in ("adapter", "native"):
+            best = None
+            for _ in range(args.runs):
+                timed.seconds, timed.calls = 0.0, 0
+                start = time.perf_counter()
+                with torch.no_grad():
+                    if path == "adapter":
+                        pipe.scheduler = FewstepScheduler.from_config(config, sampler=name)
+                        pipe(batch_size=args.batch, num_inference_steps=args.steps, output_type="np",
+                             generator=torch.Generator().manual_seed(0))
+                    else:
+                        den = ModelDenoiser(timed, DiscreteVPSchedule.from_diffusers_config(config))
+                        Sampler(den, name, steps=args.steps).sample(x_T)
+                total = time.perf_counter() - start
+                if best is None or total < best[0]:
+                    best = (total, timed.seconds, timed.calls)
+            total, net, calls = best
+            print(f"{name:<10} {calls:>4} {path:<8} {total * 1e3:>9.1f} {net * 1e3:>13.1f} {1 - net / total:>11.1%}")
+
+
+class _TimedModule(torch.nn.Module):
+    """The pipeline's UNet, timed (keeps ``config``, ``dtype``, ``device`` for the pipeline)."""
+
+    def __init__(self, unet, timed):
+        super().__init__()
+        self.unet, self.timed = unet, timed
+        self.config = unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def forward(self, *args, **kwargs):
+        return self.timed(*args, **kwargs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-share", action="store_true", help="non-network share of a run on the teacher")
     parser.add_argument("--step-cost", action="store_true", help="issue 16's protocol: step() alone, random outputs")
     parser.add_argument("--runs", type=int, default=25)
     parser.add_argument("--batch", type=int, default=16)
@@ -177,6 +243,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.step_cost:
         return step_cost(args)
+    if args.teacher_share:
+        return teacher_share(args)
     torch.set_num_threads(args.threads)
 
     unet = make_unet(args.size)
