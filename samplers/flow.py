@@ -14,6 +14,9 @@ the descending evaluation sigmas (the grid then ends at clean data, sigma = 0):
 - ``"flow_dpm"``: ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` (Sana): ``n + 1`` uniform
   ``alpha``s, shifted by ``flow_shift`` (``exp(mu)`` when the pipeline passes ``mu``), the last
   dropped; timesteps ``sigma * N`` truncated to integers, as diffusers does.
+- ``"flow_unipc"``: ``UniPCMultistepScheduler(use_flow_sigmas=True)`` (Wan): ``n`` of ``n + 1`` uniform
+  sigmas from 1 (or the pipeline's ``sigmas``), the static or dynamic shift, ``shift_terminal``, a
+  first sigma of 1 lowered by 1e-6 (diffusers' guard), integer timesteps.
 
 The float32 / float64 steps follow diffusers' own, so the sigmas are bit-identical to its schedulers'.
 """
@@ -27,7 +30,7 @@ import numpy as np
 
 __all__ = ["FLOW_SPACINGS", "flow_sigmas", "calculate_shift", "static_shift", "dynamic_shift"]
 
-FLOW_SPACINGS = ("flow_match", "flow_dpm")
+FLOW_SPACINGS = ("flow_match", "flow_dpm", "flow_unipc")
 
 
 def static_shift(sigmas, shift: float):
@@ -125,6 +128,31 @@ def _flow_dpm(config: Mapping[str, Any], n: int | None, sigmas, mu, timesteps):
     return s.astype(np.float32), model_t
 
 
+def _flow_unipc(config: Mapping[str, Any], n: int | None, sigmas, mu, timesteps):
+    if timesteps is not None:
+        raise ValueError("UniPCMultistepScheduler's flow sigmas take num_inference_steps or sigmas, not timesteps")
+    N = int(config.get("num_train_timesteps", 1000))
+    if config.get("use_dynamic_shifting") and mu is None:
+        raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set (the pipeline computes it)")
+    if sigmas is None:
+        if n is None:
+            raise ValueError("set_timesteps needs num_inference_steps or sigmas")
+        s = np.linspace(1, 1 / N, n + 1)[:-1]
+    else:
+        s = np.asarray(sigmas)
+    if config.get("use_dynamic_shifting"):
+        s = dynamic_shift(s, mu, config.get("time_shift_type", "exponential"))
+    else:
+        s = static_shift(s, float(config.get("shift", 1.0)))
+    if config.get("shift_terminal"):
+        s = _stretch_to_terminal(s, float(config["shift_terminal"]))
+    s = np.array(s, dtype=np.float64)
+    if abs(s[0] - 1) < 1e-6:
+        s[0] -= 1e-6
+    model_t = (s * N).astype(np.int64).astype(np.float32)
+    return s.astype(np.float32), model_t
+
+
 def flow_sigmas(config: Mapping[str, Any], rule: str, num_inference_steps: int | None = None, sigmas=None,
                 mu: float | None = None, timesteps=None) -> tuple[np.ndarray, np.ndarray]:
     """``(sigmas, timesteps)``: the float32 evaluation sigmas (descending, without the final 0) and the
@@ -133,6 +161,8 @@ def flow_sigmas(config: Mapping[str, Any], rule: str, num_inference_steps: int |
         s, t = _flow_match(config, num_inference_steps, sigmas, mu, timesteps)
     elif rule == "flow_dpm":
         s, t = _flow_dpm(config, num_inference_steps, sigmas, mu, timesteps)
+    elif rule == "flow_unipc":
+        s, t = _flow_unipc(config, num_inference_steps, sigmas, mu, timesteps)
     else:
         raise ValueError(f"unknown flow timestep rule {rule!r}; expected one of {FLOW_SPACINGS}")
     if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1) and np.all(np.diff(s) < 0)):

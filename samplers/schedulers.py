@@ -44,6 +44,12 @@ NOISE_SCHEDULES = ("ddpm", "flow")
 #: A sampler name of the adapter beyond the registry: Time-Shift (``samplers.timeshift.TimeShift``)
 #: around ``sampler_options["solver"]``.
 TIME_SHIFT = "time_shift"
+#: A grid point with ``alpha`` below this is pure noise to float precision: FlowMatchEuler's sigma = 1
+#: (alpha = 0, where ``x / alpha`` is undefined) and UniPC's guard 1 - 1e-6 (where a step in ``sigma / alpha``
+#: spans 1e6: fixed-step multistep methods such as PNDM diverge). The first step from there is DDIM.
+PURE_NOISE_ALPHA = 1e-5
+#: Source classes whose ``use_flow_sigmas`` grids are read, by rule (``samplers.flow``).
+FLOW_SIGMA_SOURCES = {"DPMSolverMultistepScheduler": "flow_dpm", "UniPCMultistepScheduler": "flow_unipc"}
 #: diffusers' two Karras-sigma rules on DDPM schedules (``use_karras_sigmas=True``): ``"euler"``
 #: (Euler / Heun / LMS: between the spacing's first and last sigma, fractional timesteps) and ``"dpm"``
 #: (DPM-Solver / UniPC: the whole training range, timesteps rounded to integers except for cosine betas).
@@ -318,7 +324,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             if self._plan[j] not in grid_times:  # a Runge-Kutta stage between grid points
                 continue
             i = grid_times.index(self._plan[j])
-            if self.grid.alpha[i] == 0:  # pure noise: the solvers' x / alpha is undefined there (bridged)
+            if self.grid.alpha[i] < PURE_NOISE_ALPHA:  # pure noise: the solvers' x / alpha is undefined there (bridged)
                 continue
             tail = Grid(self.grid.t[i:], self.grid.alpha[i:], self.grid.sigma[i:], schedule=self.grid.schedule)
             for solver in _restart_forms(self.solver):
@@ -357,8 +363,9 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         ``sigmas`` and ``mu`` (dynamic shifting) or ``timesteps``, read by ``samplers.flow.flow_sigmas``
         exactly as diffusers' scheduler of the config's ``timestep_spacing`` rule reads them;
         ``self.sigmas`` then holds the grid's sigmas and a final 0. A grid that starts at pure noise
-        (sigma = 1, where ``x / alpha`` is undefined) takes its first step by DDIM (every solver's first-order
-        step, exact there), and the solver runs on the rest of the grid.
+        (``alpha < PURE_NOISE_ALPHA``: sigma = 1, where ``x / alpha`` is undefined, or UniPC's 1 - 1e-6) takes
+        its first step by DDIM (every solver's first-order step, exact at sigma = 1), and the solver runs on
+        the rest of the grid.
         """
         if self.is_flow:
             grid, call_time = self._flow_grid(num_inference_steps, sigmas, mu, timesteps)
@@ -379,7 +386,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = grid.n_steps
         self.grid = grid
         self.init_noise_sigma = self._init_noise_sigma(grid)
-        if float(grid.alpha[0]) == 0:  # pure noise: one DDIM step to the next grid point, then the solver
+        if float(grid.alpha[0]) < PURE_NOISE_ALPHA:  # pure noise: one DDIM step to the next grid point, then the solver
             tail = _tail(grid, 1)
             self._plan = [float(grid.t[0])] + self.solver.plan(tail)
             self._start(tail)
@@ -588,12 +595,14 @@ def _schedule_of_source(config: dict) -> dict:
     if name.startswith("FlowMatch") or (not name and "beta_start" not in config and flow_keys & set(config)):
         return {"noise_schedule": "flow", "timestep_spacing": "flow_match", "prediction_type": "flow_prediction"}
     if config.get("use_flow_sigmas"):
-        if name not in ("DPMSolverMultistepScheduler", ""):
+        if not name:  # built in code: UniPC has predict_x0, DPM-Solver algorithm_type
+            name = "UniPCMultistepScheduler" if "predict_x0" in config else "DPMSolverMultistepScheduler"
+        if name not in FLOW_SIGMA_SOURCES:
             raise ValueError(f"the flow sigmas of {name} are not read; from_config a FlowMatchEulerDiscreteScheduler "
-                             "or DPMSolverMultistepScheduler(use_flow_sigmas=True) config")
+                             f"config or one of {sorted(FLOW_SIGMA_SOURCES)} with use_flow_sigmas=True")
         if config.get("prediction_type", "flow_prediction") != "flow_prediction":
             raise ValueError("use_flow_sigmas with a non-flow prediction type is not read")
-        return {"noise_schedule": "flow", "timestep_spacing": "flow_dpm", "prediction_type": "flow_prediction",
+        return {"noise_schedule": "flow", "timestep_spacing": FLOW_SIGMA_SOURCES[name], "prediction_type": "flow_prediction",
                 "shift": float(config.get("flow_shift", 1.0)), "use_karras_sigmas": False,
                 "use_exponential_sigmas": False}
     if config.get("prediction_type") == "flow_prediction":

@@ -65,6 +65,25 @@ def test_dpm_flow_grid_is_diffusers_own(config, mu):
     assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps.float())
 
 
+@pytest.mark.parametrize("config, kw", [({"flow_shift": 3.0}, {"num_inference_steps": 9}),
+                                        ({"use_dynamic_shifting": True}, {"num_inference_steps": 9, "mu": 0.8}),
+                                        ({"flow_shift": 5.0}, {"sigmas": np.linspace(1.0, 0.1, 9)})])
+def test_unipc_flow_grid_is_diffusers_own(config, kw):
+    """Wan's scheduler: the grid is UniPC's own (its first sigma 1 - 1e-6 is pure noise to float precision,
+    so our first step from there is DDIM; our unipc therefore differs from diffusers' by ~1e-3 there)."""
+    from diffusers import UniPCMultistepScheduler
+
+    ref = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", **config)
+    ours = FewstepScheduler.from_config(ref.config, sampler="euler")
+    ref.set_timesteps(**kw)
+    ours.set_timesteps(**kw)
+    assert ours.config.timestep_spacing == "flow_unipc"
+    assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps.float())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b = loop(ref, x, **kw), loop(FewstepScheduler.from_config(ref.config, sampler="pndm"), x, **kw)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 0.2  # PNDM vs UniPC: near, not equal
+
+
 def velocity_model(x, t):
     """A smooth, time-dependent stand-in for a flow transformer."""
     return torch.tanh(x) * (1 + t / 1000) - 0.3 * x
@@ -300,8 +319,8 @@ def test_flow_config_round_trips():
 @pytest.mark.parametrize("config, match", [
     (lambda: FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config, "invert_sigmas"),
     (lambda: FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True).config, "use_beta_sigmas"),
-    (lambda: {**dict(DPMSolverMultistepScheduler(use_flow_sigmas=True).config), "_class_name": "UniPCMultistepScheduler"},
-     "flow sigmas of UniPC"),
+    (lambda: {**dict(DPMSolverMultistepScheduler(use_flow_sigmas=True).config), "_class_name": "DEISMultistepScheduler"},
+     "flow sigmas of DEIS"),
     (lambda: DPMSolverMultistepScheduler(prediction_type="flow_prediction").config, "without flow sigmas"),
     (lambda: {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
      "EDM-preconditioned"),
