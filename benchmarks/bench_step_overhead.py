@@ -117,7 +117,23 @@ STEP_CASES = [
     ("dpmpp_2m", lambda: DPMSolverMultistepScheduler(timestep_spacing="trailing"), {"sampler": "dpmpp_2m"}),
     ("euler", lambda: EulerDiscreteScheduler(timestep_spacing="trailing"), {"sampler": "euler"}),
     ("plms", lambda: PNDMScheduler(skip_prk_steps=True, timestep_spacing="trailing"), {"sampler": "plms"}),
+    ("pndm", lambda: PNDMScheduler(timestep_spacing="trailing"), {"sampler": "pndm"}),
+    ("ddpm", lambda: _d("DDPMScheduler", clip_sample=False, timestep_spacing="trailing"), {"sampler": "ddpm"}),
+    ("dpmpp_3m", lambda: DPMSolverMultistepScheduler(timestep_spacing="trailing", solver_order=3), {"sampler": "dpmpp_3m"}),
+    ("sde_dpmpp_2m", lambda: DPMSolverMultistepScheduler(timestep_spacing="trailing", algorithm_type="sde-dpmsolver++"),
+     {"sampler": "sde_dpmpp_2m"}),
+    ("dpmsolver_2m", lambda: DPMSolverMultistepScheduler(timestep_spacing="trailing", algorithm_type="dpmsolver",
+                                                         final_sigmas_type="sigma_min"), {"sampler": "dpmsolver_2m"}),
+    ("heun", lambda: _d("HeunDiscreteScheduler", timestep_spacing="trailing"), {"sampler": "heun"}),
+    ("unipc", lambda: _d("UniPCMultistepScheduler", timestep_spacing="trailing"), {"sampler": "unipc"}),
+    ("lms", lambda: _d("LMSDiscreteScheduler", timestep_spacing="trailing"), {"sampler": "lms"}),
 ]
+
+
+def _d(name, **kw):
+    import diffusers
+
+    return getattr(diffusers, name)(**kw)
 
 
 def _step_cases():
