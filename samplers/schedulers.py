@@ -250,7 +250,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """This scheduler from any DDPM-family scheduler's config, ``X.from_config(pipe.scheduler.config, **kw)``.
+        """This scheduler from any DDPM-family or flow-matching scheduler's config,
+        ``X.from_config(pipe.scheduler.config, **kw)``.
+
+        - The noise schedule is the source's (``_schedule_of_source``): FlowMatch / ``use_flow_sigmas``
+          configs give a flow schedule with the source's grid rule, Karras-sigma configs diffusers'
+          Karras grid of that scheduler (with its own ``timestep_spacing``, even a class default), other
+          DDPM-family configs their betas; a config that cannot be read raises.
 
         - The noise schedule, prediction type, clipping and timestep spacing come from ``config``, as
           every diffusers scheduler takes them. In particular the **pipeline's ``timestep_spacing`` wins**
