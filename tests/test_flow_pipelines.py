@@ -352,3 +352,43 @@ def test_calculate_shift_is_fluxs():
     assert calculate_shift(1024, 256, 4096, 0.5, 1.15) == reference(1024, 256, 4096, 0.5, 1.15)
     s, t = flow_sigmas({"shift": 1.0}, "flow_match", 4)
     assert s[0] == 1.0 and np.array_equal(t, s * 1000)
+
+
+# -- diffusers' scheduler-test conventions on a flow schedule --------------------------------------
+
+
+def test_flow_scheduler_conventions(tmp_path):
+    """save / load, step shape, scale_noise == FlowMatchEuler's, a mid-schedule start with and without
+    set_begin_index, and the momentum adapters switching in both directions."""
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    ours = GHVBScheduler.from_config(ref.config, momentum=3.8)
+    ours.save_pretrained(tmp_path)
+    loaded = GHVBScheduler.from_pretrained(tmp_path)
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in ours.config.items() if not k.startswith("_")}
+    assert loaded.is_flow and loaded.sampler_name == "ghvb"
+
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for s in (ref, ours):
+        s.set_timesteps(10, mu=0.6)
+    t = ours.timesteps[3:4]
+    assert torch.allclose(ours.scale_noise(x0, t, noise), ref.scale_noise(x0, t, noise), atol=1e-6)
+    out = ours.step(velocity_model(noise, ours.timesteps[0]), ours.timesteps[0], noise).prev_sample
+    assert out.shape == noise.shape
+
+    def mid_run(begin, set_begin):
+        s = FewstepScheduler.from_config(ref.config, sampler="dpmpp_2m")
+        s.set_timesteps(10, mu=0.6)
+        if set_begin:
+            s.set_begin_index(begin)
+        x = s.scale_noise(x0, s.timesteps[begin:begin + 1], noise)
+        for t in s.timesteps[begin:]:
+            x = s.step(velocity_model(x, t), t, x).prev_sample
+        return x
+
+    assert torch.equal(mid_run(4, True), mid_run(4, False)) and torch.isfinite(mid_run(4, True)).all()
+    assert torch.equal(mid_run(0, True), mid_run(0, False))
+
+    hb = HeavyBallScheduler.from_config(ours.config)
+    assert hb.is_flow and hb.sampler_name == "hb" and FewstepScheduler.from_config(hb.config).is_flow
