@@ -27,7 +27,7 @@ from torch import Tensor
 from .denoisers import Prediction, broadcast_like, canonical_prediction_type, convert_prediction, dynamic_threshold
 from .flow import FLOW_SPACINGS, flow_sigmas
 from .registry import SAMPLERS, make_solver, resolve_name
-from .schedules import DiscreteVPSchedule, FlowMatchingSchedule
+from .schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule
 from .solvers import PNDM, Heun, Solver
 from .timeshift import TimeShift
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
@@ -39,8 +39,9 @@ __all__ = ["FewstepScheduler", "HeavyBallScheduler", "GHVBScheduler", "SAMPLER_K
 #: them when it switches to another sampler.
 SAMPLER_KEYS = ("sampler", "sampler_options", "momentum", "beta", "base")
 
-#: ``noise_schedule`` values: DDPM's discrete VP schedule, or the rectified-flow path of SD3 / Flux.
-NOISE_SCHEDULES = ("ddpm", "flow")
+#: ``noise_schedule`` values: DDPM's discrete VP schedule, the rectified-flow path of SD3 / Flux, or
+#: EDM's VE schedule with its preconditioning (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``).
+NOISE_SCHEDULES = ("ddpm", "flow", "edm")
 #: A sampler name of the adapter beyond the registry: Time-Shift (``samplers.timeshift.TimeShift``)
 #: around ``sampler_options["solver"]``.
 TIME_SHIFT = "time_shift"
@@ -131,7 +132,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     timestep of the first ``step`` (see ``set_begin_index``).
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # EDM-preconditioned schedulers need the EDM keys; from_config of one of ours could not carry them
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]
     order = 1
     default_sampler = "dpmpp_2m"
 
@@ -170,11 +172,16 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         karras_style: str = "euler",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sigma_data: float = 0.5,
+        sigma_schedule: str = "karras",
+        rho: float = 7.0,
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"unknown noise_schedule {noise_schedule!r}; expected one of {NOISE_SCHEDULES}")
-        flow = noise_schedule == "flow"
+        flow, edm = noise_schedule == "flow", noise_schedule == "edm"
         options = dict(sampler_options or {})
         options.update({k: v for k, v in dict(momentum=momentum, beta=beta, base=base).items() if v is not None})
         name = _resolve(sampler or self.default_sampler)
@@ -187,7 +194,15 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
                                 timestep_spacing=timestep_spacing)
         self._prediction_kind = canonical_prediction_type(prediction_type)
         self._coefs: list[tuple] = []
-        if flow:
+        if edm:
+            self._edm_range = (0.002 if sigma_min is None else float(sigma_min), 80.0 if sigma_max is None else float(sigma_max))
+            lo, hi = self._edm_range
+            self.noise_schedule = EDMSchedule(lo / (1 + 1e-6), hi * (1 + 1e-6))  # room for float32 round-off
+            if prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"EDM preconditioning reads prediction_type 'epsilon' or 'v_prediction', not {prediction_type!r}")
+            if sigma_schedule not in ("karras", "exponential"):
+                raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; expected 'karras' or 'exponential'")
+        elif flow:
             self.noise_schedule = FlowMatchingSchedule(0.0, 1.0)
             if timestep_spacing not in FLOW_SPACINGS:
                 raise ValueError(f"timestep_spacing {timestep_spacing!r} is not a flow-matching rule; expected one "
@@ -229,6 +244,11 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def is_flow(self) -> bool:
         """True on a rectified-flow schedule (SD3 / Flux pipelines): timesteps are ``sigma * N``."""
         return self.config.noise_schedule == "flow"
+
+    @property
+    def is_edm(self) -> bool:
+        """True on EDM's preconditioned VE schedule: timesteps are ``0.25 log sigma``, the model sees ``c_in x``."""
+        return self.config.noise_schedule == "edm"
 
     @property
     def shift(self) -> float:
@@ -375,6 +395,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         """
         if self.is_flow:
             grid, call_time = self._flow_grid(num_inference_steps, sigmas, mu, timesteps)
+        elif self.is_edm:
+            if sigmas is not None or mu is not None or timesteps is not None or num_inference_steps is None:
+                raise ValueError("on an EDM schedule set_timesteps takes num_inference_steps only")
+            grid, call_time = self._edm_grid(check_steps(num_inference_steps))
         else:
             if sigmas is not None or mu is not None:
                 raise ValueError("on a DDPM schedule FewstepScheduler takes custom `timesteps`, not `sigmas` / `mu`")
@@ -402,14 +426,33 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             self._start(grid)
         self._call_timesteps = [call_time(t) for t in self._plan] if call_time else list(self._plan)
         self._coefs = [self._coefficients(t) for t in self._plan]
-        self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device) if self.is_flow
-                          else _as_timestep_tensor(self._call_timesteps, device))
+        self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device)
+                          if self.is_flow or self.is_edm else _as_timestep_tensor(self._call_timesteps, device))
         self._begin_index = None
+
+    def _edm_grid(self, n: int):
+        """EDM's Karras (``rho``) or exponential sigmas between ``sigma_max`` and ``sigma_min`` (float32, as
+        diffusers' EDM schedulers), and the model timestep ``0.25 log sigma`` of a planned time."""
+        lo, hi = self._edm_range
+        ramp = np.linspace(0, 1, n)
+        if self.config.sigma_schedule == "karras":
+            inv = 1 / self.config.rho
+            sig = (hi ** inv + ramp * (lo ** inv - hi ** inv)) ** self.config.rho
+        else:
+            sig = np.exp(np.linspace(np.log(lo), np.log(hi), n))[::-1]
+        sig = torch.from_numpy(np.ascontiguousarray(sig)).to(torch.float32)
+        final = "zero" if self.config.final_sigmas_type == "zero" else "t_min"
+        grid = Grid.from_times(self.noise_schedule, sig.to(torch.float64), final=final,
+                               t_end=float(torch.tensor(lo, dtype=torch.float32)))
+        at_grid = {float(t): m for t, m in zip(sig.to(torch.float64).tolist(), (0.25 * torch.log(sig)).tolist())}
+        return grid, lambda t: at_grid.get(t, 0.25 * float(np.log(t)))
 
     def _init_noise_sigma(self, grid: Grid) -> float:
         """1 (the VP prior), except after a swap from an Euler-style Karras config with ``linspace`` /
         ``trailing`` spacing: diffusers' Euler / Heun / LMS start there from ``sigma_max z`` in VE terms,
         i.e. ``sigma(t_0) z`` in our VP sample, and so do we (the same image from the same noise)."""
+        if self.is_edm:  # diffusers' EDM schedulers start from sqrt(sigma_max^2 + 1) z
+            return (self._edm_range[1] ** 2 + 1) ** 0.5
         euler_start = (not self.is_flow and self.config.use_karras_sigmas and self.config.karras_style == "euler"
                        and self.config.timestep_spacing in ("linspace", "trailing"))
         return float(grid.sigma[0]) if euler_start else 1.0
@@ -463,7 +506,14 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
-        return sample
+        """The identity on DDPM and flow schedules (the model sees our samples); on EDM schedules EDM's
+        ``c_in x = x / sqrt(sigma^2 + sigma_data^2)`` at the current call (Karras et al. 2022, Table 1)."""
+        if not self.is_edm:
+            return sample
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
+        sigma = self._coefs[self._step_index][1]
+        return sample / (sigma ** 2 + self.config.sigma_data ** 2) ** 0.5
 
     def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True,
@@ -523,8 +573,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def _prediction(self, model_output: Tensor, x: Tensor, k: int) -> Prediction:
         """``(x0, eps)`` of model call ``k`` (its coefficients computed once, in ``set_timesteps``)."""
         c = self._coefs[k]
-        derivs = {"alpha_dot": c[2], "sigma_dot": c[3]} if len(c) == 4 else {}
-        pred = convert_prediction(model_output, x, c[0], c[1], self._prediction_kind, **derivs)
+        if self.is_edm:  # EDM's preconditioned output: D = c_skip x + c_out F (Karras et al. 2022, eq. 7)
+            s, sd = c[1], self.config.sigma_data
+            c_out = s * sd / (s ** 2 + sd ** 2) ** 0.5 * (1 if self._prediction_kind == "eps" else -1)
+            pred = Prediction(x0=(sd ** 2 / (s ** 2 + sd ** 2)) * x + c_out * model_output, x=x, alpha=1.0, sigma=s)
+        else:
+            derivs = {"alpha_dot": c[2], "sigma_dot": c[3]} if len(c) == 4 else {}
+            pred = convert_prediction(model_output, x, c[0], c[1], self._prediction_kind, **derivs)
         if not (self.config.thresholding or self.config.clip_sample):
             return pred
         if self.config.thresholding:
@@ -540,12 +595,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         """Schedule times of model ``timesteps``: themselves on DDPM schedules; on flow schedules the grid
         time of a planned call's timestep (diffusers' DPM truncates them), else ``timestep / N``."""
         t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
-        if not self.is_flow:
+        if not (self.is_flow or self.is_edm):
             return t
         out = []
         for v in t.tolist():
             k = next((k for k, c in enumerate(self._call_timesteps) if _same_time(v, c)), None)
-            out.append(self._plan[k] if k is not None else v / self.config.num_train_timesteps)
+            unmapped = float(np.exp(4 * v)) if self.is_edm else v / self.config.num_train_timesteps
+            out.append(self._plan[k] if k is not None else unmapped)
         return torch.tensor(out, dtype=torch.float64)
 
     def scale_noise(self, sample: Tensor, timestep, noise: Tensor) -> Tensor:
@@ -581,9 +637,10 @@ def _schedule_of_source(config: dict) -> dict:
       ``timestep_spacing="flow_match"``, velocity prediction;
     - ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` (Sana): the same with ``flow_shift`` as
       ``shift`` and ``timestep_spacing="flow_dpm"``;
-    - DDPM-family schedulers: ``noise_schedule="ddpm"``; beta / Lu sigmas, EDM-preconditioned (``EDM*``,
-      ``sigma_data``) and VE (sigma range without betas) configs raise, unless every VE value is a default
-      (an EDM scheduler ``from_config``'d from a DDPM config carries nothing of its own).
+    - EDM schedulers (``EDM*``, ``sigma_data``): ``noise_schedule="edm"`` with their sigma range, schedule
+      and preconditioning;
+    - DDPM-family schedulers: ``noise_schedule="ddpm"``; beta / Lu sigmas and VE (sigma range without
+      betas) configs raise.
     A config of ours (``_class_name`` one of our schedulers) is read as it is.
     """
     name = config.get("_class_name") or ""
@@ -615,9 +672,12 @@ def _schedule_of_source(config: dict) -> dict:
         raise ValueError(f"{name or 'this'} config predicts flow velocity without flow sigmas; not read")
     defaulted = set(config.get("_use_default_values", []))
     own_ve = {"sigma_min", "sigma_max", "sigma_data"} & set(config) - defaulted  # an EDM config's own values
-    if (name.startswith("EDM") or "sigma_data" in config) and own_ve:
-        raise ValueError(f"{name or 'this'} is an EDM-preconditioned scheduler config (sigma_data); FewstepScheduler "
-                         "reads DDPM and flow-matching configs; use fewstep.samplers.kdiffusion on a k-diffusion denoiser")
+    if name.startswith("EDM") or "sigma_data" in config:
+        if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{name or 'this'} EDM config predicts {config['prediction_type']!r}; not read")
+        keys = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras", "rho": 7.0,
+                "prediction_type": "epsilon", "final_sigmas_type": "zero"}
+        return {"noise_schedule": "edm", **{k: config.get(k, v) for k, v in keys.items()}}
     if "beta_start" not in config and "trained_betas" not in config and own_ve:
         raise ValueError(f"{name or 'this'} is a VE (sigma range) scheduler config without betas; not read")
     if config.get("use_exponential_sigmas"):

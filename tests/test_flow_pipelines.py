@@ -322,8 +322,8 @@ def test_flow_config_round_trips():
     (lambda: {**dict(DPMSolverMultistepScheduler(use_flow_sigmas=True).config), "_class_name": "DEISMultistepScheduler"},
      "flow sigmas of DEIS"),
     (lambda: DPMSolverMultistepScheduler(prediction_type="flow_prediction").config, "without flow sigmas"),
-    (lambda: {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
-     "EDM-preconditioned"),
+    (lambda: {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5, "prediction_type": "sample"},
+     "EDM config predicts 'sample'"),
     (lambda: {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 1348.0}, "VE"),
 ])
 def test_unreadable_configs_are_refused(config, match):

@@ -1,4 +1,6 @@
-"""Claims: from a Karras-sigma config (``use_karras_sigmas=True``: Euler / Heun / LMS style, or
+"""Claims: from an EDM config (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: VE samples,
+``c_in`` input scaling, ``0.25 log sigma`` timesteps, preconditioned outputs) our euler / dpmpp_2m equal
+diffusers' on the same model and noise. From a Karras-sigma config (``use_karras_sigmas=True``: Euler / Heun / LMS style, or
 DPM-Solver / UniPC style) ``FewstepScheduler`` builds diffusers' own sigmas and timesteps; in the pipeline
 loop (``init_noise_sigma``, ``scale_model_input``, ``step``, as EulerDiscreteScheduler's pipelines call
 them) our euler / heun / dpmpp_2m equal diffusers' EulerDiscrete / HeunDiscrete / DPMSolverMultistep with
@@ -136,3 +138,57 @@ def test_karras_config_round_trips():
     plain = FewstepScheduler.from_config(DPMSolverMultistepScheduler().config)
     assert not plain.config.use_karras_sigmas
     np.testing.assert_array_equal(plain.alphas_cumprod.numpy(), back.alphas_cumprod.numpy())
+
+
+# -- EDM-preconditioned schedulers (Playground v2.5 style) ------------------------------------------
+
+
+def edm_model(x_in, c_noise):
+    """A stand-in for an EDM-preconditioned network F(c_in x, c_noise)."""
+    return 0.8 * torch.tanh(x_in) + 0.1 * torch.sin(x_in + c_noise)
+
+
+def edm_loop(scheduler, z):
+    x = z * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(edm_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+EDM_PARITY = {
+    "euler-vs-EDMEuler": ("EDMEulerScheduler", {}, "euler"),
+    "euler-vs-EDMEuler(v, exponential)": ("EDMEulerScheduler",
+                                          {"prediction_type": "v_prediction", "sigma_schedule": "exponential"}, "euler"),
+    "dpmpp_2m-vs-EDMDPMSolver": ("EDMDPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+    "dpmpp_2m-vs-EDMDPMSolver(sigma_min end)": ("EDMDPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"},
+                                                "dpmpp_2m"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", EDM_PARITY)
+def test_edm_parity(case, dtype):
+    import diffusers
+
+    cls, kw, sampler = EDM_PARITY[case]
+    ref = getattr(diffusers, cls)(**kw)
+    ours = FewstepScheduler.from_config(ref.config, sampler=sampler)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    assert ours.is_edm and ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma))
+    assert (ours.timesteps - ref.timesteps).abs().max() < 1e-6
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    a, b = edm_loop(ref, z), edm_loop(ours, z)
+    diff = (a - b).abs().max().item()
+    print(f"{case} {dtype}: max|diff| {diff:.2e} (samples up to {a.abs().max().item():.2f})")
+    assert diff < 2e-6 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ghvb", "unipc", "heun", "sde_dpmpp_2m", "lms"])
+def test_every_kind_of_sampler_runs_on_edm(sampler):
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    ours = FewstepScheduler.from_config(EDMDPMSolverMultistepScheduler().config, sampler=sampler)
+    ours.set_timesteps(8)
+    out = edm_loop(ours, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(out).all() and out.abs().max() < 10
