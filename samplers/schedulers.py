@@ -110,8 +110,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             (``"karras"``, ``"log_snr"``, ``"time_uniform"``, ``"time_quadratic"``: fractional timesteps);
             default ``"trailing"``. Flow schedules: ``"flow_match"`` (FlowMatchEuler's rule, default) or
             ``"flow_dpm"`` (DPM-Solver's ``use_flow_sigmas`` rule), see ``samplers.flow``.
-        noise_schedule: ``"ddpm"`` (the betas above) or ``"flow"`` (rectified flow, ``x = (1 - t) x0 + t eps``);
-            ``from_config`` picks it from the source config (``_schedule_of_source``).
+        noise_schedule: ``"ddpm"`` (the betas above), ``"flow"`` (rectified flow, ``x = (1 - t) x0 + t eps``)
+            or ``"edm"`` (EDM's VE schedule and preconditioning); ``from_config`` picks it from the source
+            config (``_schedule_of_source``).
+        sigma_min, sigma_max, sigma_data, sigma_schedule, rho: the EDM schedulers' keys (EDM schedules).
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len,
         time_shift_type, shift_terminal: ``FlowMatchEulerDiscreteScheduler``'s keys (flow schedules).
         use_karras_sigmas, karras_style: diffusers' Karras sigmas on a DDPM schedule, by the source's rule
