@@ -276,8 +276,8 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         ``X.from_config(pipe.scheduler.config, **kw)``.
 
         - The noise schedule is the source's (``_schedule_of_source``): FlowMatch / ``use_flow_sigmas``
-          configs give a flow schedule with the source's grid rule, Karras-sigma configs diffusers'
-          Karras grid of that scheduler (with its own ``timestep_spacing``, even a class default), other
+          configs give a flow schedule with the source's grid rule, EDM configs EDM's preconditioned
+          schedule, Karras-sigma configs diffusers' Karras grid of that scheduler (with its own ``timestep_spacing``, even a class default), other
           DDPM-family configs their betas; a config that cannot be read raises.
 
         - The noise schedule, prediction type, clipping and timestep spacing come from ``config``, as
