@@ -15,6 +15,7 @@ from .timeshift import TimeShift, TimeShiftDenoiser, TimeShiftUNet
 from .timesteps import (DiffusersSpacing, ExplicitTimesteps, Grid, Karras, LogSNRUniform, TimeQuadratic,
                         Timesteps, TimeUniform, make_timesteps)
 from . import mr  # noqa: E402  (MR diffusion: schedule, denoiser, MRSampler)
+from . import kdiffusion  # noqa: E402  (sample_<name>(model, x, sigmas, ...) for k-diffusion code)
 
 __all__ = [
     "Schedule", "DiscreteVPSchedule", "ContinuousVPSchedule", "EDMSchedule", "FlowMatchingSchedule",
@@ -25,5 +26,5 @@ __all__ = [
     "Sampler", "SAMPLERS", "ALIASES", "make_solver",
     "HeavyBall", "GHVB", "momentum_number",
     "TimeShift", "TimeShiftDenoiser", "TimeShiftUNet",
-    "mr",
+    "mr", "kdiffusion",
 ]

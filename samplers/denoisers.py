@@ -120,7 +120,33 @@ def convert_prediction(output: Tensor, x: Tensor, alpha, sigma, prediction_type:
         raise ValueError("a flow-velocity prediction needs a schedule with alpha_dot / sigma_dot (FlowMatchingSchedule)")
     ad, sd = broadcast_like(alpha_dot, x), broadcast_like(sigma_dot, x)
     det = a * sd - s * ad
+    if all(isinstance(c, float) for c in (a, s, ad, sd)):  # scalar coefficients: two kernels each, on demand
+        return _VelocityPrediction(output, x, a, s, ad, sd, det)
     return Prediction((sd * x - s * output) / det, (a * output - ad * x) / det)
+
+
+class _VelocityPrediction(Prediction):
+    """``(x0, eps)`` from a flow velocity ``u`` with scalar coefficients, each computed on first use
+    (``x0 = (sd x - s u) / det``, ``eps = (a u - ad x) / det``): Euler reads only ``eps``, DPM-Solver++ only ``x0``."""
+
+    __slots__ = ("_u", "_c")
+
+    def __init__(self, u: Tensor, x: Tensor, a: float, s: float, ad: float, sd: float, det: float):
+        self._x0 = self._eps = None
+        self._x, self._alpha, self._sigma = x, a, s
+        self._u, self._c = u, (sd / det, -s / det, a / det, -ad / det)
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._x0 = torch.add(self._x * self._c[0], self._u, alpha=self._c[1])
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._eps = torch.add(self._u * self._c[2], self._x, alpha=self._c[3])
+        return self._eps
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
