@@ -18,7 +18,7 @@ from typing import Any, Callable, Generator, Optional
 import torch
 from torch import Tensor
 
-from .denoisers import Prediction
+from .denoisers import Prediction, broadcast_like
 from .timesteps import Grid
 from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_sigma_eta, ddim_step, ddpm_posterior, dpmpp_first_order,
                       dpmpp_second_order, dpmpp_third_order, dpmsolver_first_order, dpmsolver_second_order,
@@ -299,33 +299,40 @@ class PNDM(Solver):
             raise ValueError(f"unknown warmup {warmup!r}; expected one of {self.WARMUPS}")
         self.order, self.warmup = int(order), warmup
 
-    def steps(self, grid, noise):
+    def steps(self, grid, noise, target: Callable[[int, Tensor], Optional[Tensor]] | None = None):
+        """``target(i, x_i)``, where given, may move step ``i``'s end to per-sample times ``[B]`` (None:
+        the grid's ``t[i+1]``); the next step then treats the result as being at ``t[i+1]``. This is
+        the official Time-Shift loop (TS-DPM's ``PNMSolver``): a Runge-Kutta warm-up step places its
+        stages between ``t[i]`` and the moved end, every other step transfers to the moved end."""
         t, alpha, sigma, _ = _scalars(grid)
         n, x_next, history = grid.n_steps, None, []
         for i in range(n):
             a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             x, pred = yield x_next, t[i]
-            if self.warmup == "prk" and i < self.order - 1 and s1 > 0:
-                x_next = yield from self._prk_step(x, pred, grid, i)
+            t1 = t[i + 1]
+            moved = None if target is None else target(i, x)
+            if moved is not None:
+                t1, a1, s1 = moved, *_per_sample_ends(grid, moved, x)
+            if self.warmup == "prk" and i < self.order - 1 and sigma[i + 1] > 0:
+                x_next = yield from self._prk_step(x, pred, grid, t[i], t1, (a, s, a1, s1))
                 history.append(pred.eps)
                 continue
             history = (history + [pred.eps])[-self.order:]
             if self.warmup == "heun" and i == 0 and n > 1:
                 # Euler to the next point, evaluate there, redo the step with the mean slope.
                 x_euler = sigma_bar_transfer(x, pred.eps, a, s, a1, s1)
-                _, pred_euler = yield x_euler, t[1]
+                _, pred_euler = yield x_euler, t1
                 x_next = sigma_bar_transfer(x, 0.5 * (pred.eps + pred_euler.eps), a, s, a1, s1)
                 continue
             x_next = sigma_bar_transfer(x, adams_bashforth(history), a, s, a1, s1)
         yield x_next, None
 
-    def _prk_step(self, x, pred, grid: Grid, i: int):
-        """PNDM's pseudo 4th-order Runge-Kutta step (Liu et al. 2022, eq. 13), midpoint in ``t``."""
-        t0, t1 = grid.t[i].item(), grid.t[i + 1].item()
-        a, s, a1, s1 = (grid.alpha[i].item(), grid.sigma[i].item(), grid.alpha[i + 1].item(),
-                        grid.sigma[i + 1].item())
+    def _prk_step(self, x, pred, grid: Grid, t0: float, t1, ends):
+        """PNDM's pseudo 4th-order Runge-Kutta step (Liu et al. 2022, eq. 13) from ``t0`` to ``t1``
+        (a float, or per-sample times), its stages at the midpoint in ``t``."""
+        a, s, a1, s1 = ends
         tm = 0.5 * (t0 + t1)
-        am, sm = self._schedule_at(grid, tm)
+        am, sm = self._schedule_at(grid, tm, x)
         e1 = pred.eps
         _, p2 = yield sigma_bar_transfer(x, e1, a, s, am, sm), tm
         _, p3 = yield sigma_bar_transfer(x, p2.eps, a, s, am, sm), tm
@@ -334,12 +341,20 @@ class PNDM(Solver):
         return sigma_bar_transfer(x, slope, a, s, a1, s1)
 
     @staticmethod
-    def _schedule_at(grid: Grid, t: float):
+    def _schedule_at(grid: Grid, t, x: Tensor):
         sched = getattr(grid, "schedule", None)
         if sched is None:
             raise ValueError("PNDM's Runge-Kutta warm-up needs a grid built from a schedule")
+        if torch.is_tensor(t):
+            return _per_sample_ends(grid, t, x)
         tt = torch.tensor(t, dtype=torch.float64)
         return sched.alpha(tt).item(), sched.sigma(tt).item()
+
+
+def _per_sample_ends(grid: Grid, t: Tensor, x: Tensor):
+    """``(alpha, sigma)`` at per-sample times ``t``, shaped to multiply ``x``."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return broadcast_like(grid.schedule.alpha(t), x), broadcast_like(grid.schedule.sigma(t), x)
 
 
 class Euler(Solver):
