@@ -59,6 +59,8 @@ _CORE = {
                           aliases=("dpmpp_2m_sde",)),
     "dpmsolver_2m": _spec(DPMSolver, {"order": 2}, "DPM-Solver-2M, noise prediction (Lu et al. 2022a)",
                           {"solver_type": "midpoint", "lower_order_final": True}),
+    "dpmsolver_3m": _spec(DPMSolver, {"order": 3}, "DPM-Solver-3M, noise prediction; third_order='taylor'|'reference'",
+                          {"solver_type": "midpoint", "lower_order_final": True}),
     "sde_dpmsolver_2m": _spec(SDEDPMSolver, {"order": 2}, "SDE-DPM-Solver-2M, noise prediction, stochastic",
                               {"solver_type": "midpoint", "lower_order_final": True}),
     "pndm": _spec(PNDM, {}, "PNDM / F-PNDM (Liu et al. 2022): RK warm-up, then AB4", {"warmup": "prk"}),

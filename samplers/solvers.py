@@ -22,6 +22,7 @@ from .denoisers import Prediction, broadcast_like
 from .timesteps import Grid
 from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_sigma_eta, ddim_step, ddpm_posterior, dpmpp_first_order,
                       dpmpp_second_order, dpmpp_third_order, dpmsolver_first_order, dpmsolver_second_order,
+                      dpmsolver_third_order,
                       sde_dpmpp_first_order, sde_dpmpp_second_order, sde_dpmsolver_first_order,
                       sde_dpmsolver_second_order, sigma_bar_transfer)
 
@@ -143,10 +144,26 @@ class DDPM(Solver):
         yield x_next, None
 
 
-def _multistep_order(i: int, n: int, order: int, lower_order_final: bool, to_data: bool) -> int:
+#: How a multistep solver picks each step's order: diffusers' rule, or the MRS code's.
+ORDER_RULES = ("diffusers", "mrs")
+
+
+def _multistep_order(i: int, n: int, order: int, lower_order_final: bool, to_data: bool,
+                     rule: str = "diffusers") -> int:
     """Order of step ``i`` of ``n`` as diffusers' DPMSolverMultistepScheduler chooses it: warm up
     from first order; the step to clean data is first order; with ``lower_order_final`` and fewer
-    than 15 steps the last step is first order and the one before at most second."""
+    than 15 steps the last step is first order and the one before at most second.
+
+    ``rule="mrs"`` (MRS's ``MRSampler.sampling``): warm up likewise; with fewer than 10 steps the steps
+    after the warm-up but the last take ``min(order, n - 1 - i)``; the last step takes the full order
+    (5 steps at order 2: 1, 2, 2, 1, 2), unless it goes to clean data (``h = inf``: first order).
+    """
+    if rule == "mrs":
+        if i == n - 1:
+            return 1 if to_data else min(order, i + 1)
+        if i >= order - 1 and n < 10:
+            return min(order, n - 1 - i)
+        return min(order, i + 1)
     order = min(order, i + 1)
     if i == n - 1 and (to_data or (lower_order_final and n < 15)):
         return 1
@@ -177,7 +194,8 @@ class Multistep(Solver):
             if hs[-1] == 0:  # zero-length final step (diffusers' leading grids can end on t_min)
                 x_next = x
                 continue
-            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
+            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data,
+                                     getattr(self, "order_rule", "diffusers"))
             ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
             x_next, state = self.update(x, history, hs, ends, order, noise, state)
         yield x_next, None
@@ -187,14 +205,24 @@ class Multistep(Solver):
         raise NotImplementedError
 
 
-def _dpm_options(solver: Multistep, label: str, orders: tuple, order, solver_type, lower_order_final) -> None:
+def _dpm_options(solver: Multistep, label: str, orders: tuple, order, solver_type, lower_order_final,
+                 order_rule: str = "diffusers") -> None:
     """Validate and set the options every DPM-Solver variant takes."""
     if order not in orders:
         allowed = ", ".join(map(str, orders[:-1])) + f" or {orders[-1]}"
         raise ValueError(f"{label} order must be {allowed}, got {order!r}")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
+    if order_rule not in ORDER_RULES:
+        raise ValueError(f"unknown order_rule {order_rule!r}; expected one of {ORDER_RULES}")
     solver.order, solver.solver_type, solver.lower_order_final = int(order), solver_type, bool(lower_order_final)
+    solver.order_rule = order_rule
+
+
+def _third_order_option(third_order: str) -> str:
+    if third_order not in ("taylor", "reference"):
+        raise ValueError(f"unknown third_order {third_order!r}; expected 'taylor' or 'reference'")
+    return third_order
 
 
 class DPMSolverPP(Multistep):
@@ -211,11 +239,9 @@ class DPMSolverPP(Multistep):
     name = "dpmpp"
 
     def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True,
-                 third_order: str = "taylor"):
-        _dpm_options(self, "DPM-Solver++", (1, 2, 3), order, solver_type, lower_order_final)
-        if third_order not in ("taylor", "reference"):
-            raise ValueError(f"unknown third_order {third_order!r}; expected 'taylor' or 'reference'")
-        self.third_order = third_order
+                 third_order: str = "taylor", order_rule: str = "diffusers"):
+        _dpm_options(self, "DPM-Solver++", (1, 2, 3), order, solver_type, lower_order_final, order_rule)
+        self.third_order = _third_order_option(third_order)
 
     def update(self, x, m, hs, ends, order, noise, state):
         if order == 1:
@@ -232,8 +258,9 @@ class SDEDPMSolverPP(Multistep):
     name = "sde_dpmpp"
     stochastic = True
 
-    def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True):
-        _dpm_options(self, "SDE-DPM-Solver++", (1, 2), order, solver_type, lower_order_final)
+    def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True,
+                 order_rule: str = "diffusers"):
+        _dpm_options(self, "SDE-DPM-Solver++", (1, 2), order, solver_type, lower_order_final, order_rule)
 
     def update(self, x, m, hs, ends, order, noise, state):
         if order == 1:
@@ -243,19 +270,26 @@ class SDEDPMSolverPP(Multistep):
 
 class DPMSolver(Multistep):
     """DPM-Solver multistep with noise prediction (Lu et al. 2022a; MRS with ``parameterization="noise"``),
-    order 1 or 2. Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
+    order 1, 2 or 3 (``third_order`` as ``DPMSolverPP``'s; ``"reference"`` is MRS's ODE-3 noise update).
+    Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
 
     name = "dpmsolver"
     label = "DPM-Solver (noise prediction)"
     prediction = "eps"
+    orders = (1, 2, 3)
 
-    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False):
-        _dpm_options(self, self.label, (1, 2), order, solver_type, lower_order_final)
+    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False,
+                 order_rule: str = "diffusers", third_order: str = "taylor"):
+        _dpm_options(self, self.label, self.orders, order, solver_type, lower_order_final, order_rule)
+        self.third_order = _third_order_option(third_order)
 
     def update(self, x, e, hs, ends, order, noise, state):
         if order == 1:
             return dpmsolver_first_order(x, e[-1], *ends, hs[-1]), state
-        return dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+        if order == 2:
+            return dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+        d2_weight = 2.0 if self.third_order == "taylor" else 1.0
+        return dpmsolver_third_order(x, e[-1], e[-2], e[-3], *ends, hs[-1], hs[-2], hs[-3], d2_weight), state
 
 
 class SDEDPMSolver(DPMSolver):
@@ -265,6 +299,11 @@ class SDEDPMSolver(DPMSolver):
     name = "sde_dpmsolver"
     label = "SDE-DPM-Solver (noise prediction)"
     stochastic = True
+    orders = (1, 2)
+
+    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False,
+                 order_rule: str = "diffusers"):
+        _dpm_options(self, self.label, self.orders, order, solver_type, lower_order_final, order_rule)
 
     def update(self, x, e, hs, ends, order, noise, state):
         if ends[3] == 0:

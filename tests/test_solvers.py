@@ -68,6 +68,17 @@ def test_dpmpp_3m_reference_coefficient_is_second_order():
     assert ours[-1] < ref[-1] / 5
 
 
+def test_noise_prediction_3m_is_third_order_and_the_reference_weight_second():
+    """DPM-Solver-3M with noise prediction (new): third order with our weight; MRS's ODE-3 noise update
+    (the reference weight) is second order, as the reference DPM-Solver++(3M)."""
+    steps = [64, 128, 256]
+    ours = [endpoint_error(VP, "dpmsolver_3m", n, "karras", 2, lower_order_final=False) for n in steps]
+    ref = [endpoint_error(VP, "dpmsolver_3m", n, "karras", 2, lower_order_final=False, third_order="reference")
+           for n in steps]
+    assert measured_order(ours, steps) == pytest.approx(3, abs=0.35), ours
+    assert measured_order(ref, steps) == pytest.approx(2, abs=0.35), ref
+
+
 def test_dpmpp_beats_ddim_at_ten_steps_on_every_schedule():
     for sched in [DiscreteVPSchedule.from_diffusers_config({}), VP, ContinuousVPSchedule("cosine"), EDM,
                   FlowMatchingSchedule()]:
