@@ -44,7 +44,7 @@ def timeshift_cells(window=30.0, cutoff=300.0):
         yield f"ts/{grid}/ddim/plain", dict(grid=grid, solver="ddim")
         yield f"ts/{grid}/ddim/target", dict(grid=grid, solver=TimeShift("ddim", **target))
         yield f"ts/{grid}/ddim/model", dict(grid=grid, solver="ddim", model_time=(window, cutoff))
-    for grid in ("official", "trailing"):
+    for grid in ("official",):
         yield f"ts/{grid}/pndm/plain", dict(grid=grid, solver="pndm")
         yield f"ts/{grid}/pndm/target", dict(grid=grid, solver=TimeShift("pndm", **target))
         yield f"ts/{grid}/pndm/target-stretch", dict(grid=grid, solver=TimeShift("pndm", prk="stretch", **target))
@@ -56,6 +56,12 @@ def dpmpp_3m_cells(nfes=(4, 5, 6, 8, 10, 12, 15, 20)):
         yield f"3m/{nfe}/dpmpp_2m", dict(nfe=nfe, solver="dpmpp_2m", options={})
         for weight in ("taylor", "reference"):
             yield f"3m/{nfe}/dpmpp_3m-{weight}", dict(nfe=nfe, solver="dpmpp_3m", options={"third_order": weight})
+
+
+def accuracy_cells(nfes=(5, 6, 8, 10, 12, 15, 20)):
+    for nfe in nfes:
+        for weight in ("taylor", "reference"):
+            yield f"acc/{nfe}/dpmpp_3m-{weight}", dict(nfe=nfe, solver="dpmpp_3m", options={"third_order": weight})
 
 
 def build(den, cell):
@@ -70,7 +76,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", default=["timeshift", "dpmpp_3m"], choices=["timeshift", "dpmpp_3m"])
+    p.add_argument("--only", nargs="+", default=["timeshift", "dpmpp_3m", "accuracy"],
+                   choices=["timeshift", "dpmpp_3m", "accuracy"])
+    p.add_argument("--accuracy-n", type=int, default=250)
+    p.add_argument("--reference-steps", type=int, default=200)
     p.add_argument("--results", default="/tmp/faithfulness_teacher.jsonl")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -91,10 +100,26 @@ def main(argv=None):
         cells += list(timeshift_cells())
     if "dpmpp_3m" in args.only:
         cells += list(dpmpp_3m_cells())
+    if "accuracy" in args.only:
+        cells += list(accuracy_cells())
+    reference = None
     for name, cell in cells:
         if name in done:
             continue
         start = time.perf_counter()
+        if name.startswith("acc/"):
+            # ODE accuracy on the real network: RMSE to a 200-step DPM-Solver++(2M) solution, same noise
+            x_acc = x_T[:args.accuracy_n]
+            with torch.no_grad():
+                if reference is None:
+                    reference = Sampler(den, "dpmpp_2m", steps=args.reference_steps).sample(x_acc)
+                out = build(den, cell).sample(x_acc)
+            row = {"cell": name, "rmse_to_200_step_2m": float((out - reference).pow(2).mean().sqrt()),
+                   "n": args.accuracy_n, "seconds": round(time.perf_counter() - start, 1)}
+            print(json.dumps(row), flush=True)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
         sampler = build(den, cell)
         with torch.no_grad():
             images = torch.cat([sampler.sample(x) for x in x_T.split(250)]).clamp(-1, 1)
