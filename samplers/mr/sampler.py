@@ -28,9 +28,10 @@ class MRSampler:
 
     ``reference=True`` reproduces the MRS code's runs (for readers reproducing the paper's tables); it
     needs the denoiser's schedule to be ``MRSchedule(theta_offset=True)`` (the MRS code's IR-SDE) and
-    sets ``final="t_min"`` (end at that schedule's noisy ``t = 0``), ``order_rule="mrs"`` (full-order last
-    step; 5 steps at order 2 run 1, 2, 2, 1, 2) and ``third_order="reference"``. Our default differs in
-    each, and is more accurate on the exact testbed: docs/faithfulness.md gives the measured effects.
+    sets ``final="t_min"`` (end at that schedule's noisy ``t = 0``) and ``order_rule="mrs"`` (full-order
+    last step; 5 steps at order 2 run 1, 2, 2, 1, 2); the third order is MRS's by default. Our default
+    differs in the schedule, the endpoint and the order rule: docs/faithfulness.md gives their measured
+    effects on the exact testbed.
     """
 
     def __init__(self, denoiser: Denoiser, steps: int = 20, method: str = "ode", parameterization: str = "data",
@@ -50,8 +51,7 @@ class MRSampler:
                 raise ValueError("reference=True builds the MRS solver itself; pass method/order, not solver")
             final = "t_min"
         if solver is None:
-            extra = {"order_rule": "mrs", "third_order": "reference" if method == "ode" else "taylor"} \
-                if self.reference else {}
+            extra = {"order_rule": "mrs"} if self.reference else {}
             solver = make_mr_solver(method, parameterization, order, solver_type, lower_order_final, **extra)
         self.solver = solver
         self.timesteps = MRLinspace() if timesteps == "linspace" else make_timesteps(timesteps)

@@ -43,14 +43,14 @@ MR_METHODS: dict[tuple[str, str], Callable[..., Solver]] = {
 
 def make_mr_solver(method: str = "ode", parameterization: str = "data", order: int = 2,
                    solver_type: str = "heun", lower_order_final: bool = False, order_rule: str = "diffusers",
-                   third_order: str = "taylor") -> Solver:
+                   third_order: str = "reference") -> Solver:
     """The MRS solver by name: ``method`` ``"ode"`` / ``"sde"`` with ``parameterization`` ``"data"`` /
     ``"noise"``, or the baselines ``"euler_maruyama"`` (IR-SDE's reverse SDE) and ``"posterior"`` (IR-SDE's
     posterior sampling = DDPM's ancestral step on the MR Gaussian path).
 
     ``order_rule="mrs"``: MRS's order per step (full order on the last step; ``_multistep_order``);
-    ``third_order`` (ODE, order 3): ``"taylor"`` (third order) or ``"reference"`` (MRS's ODE-3 update,
-    whose half-weight second difference makes it second order)."""
+    ``third_order`` (ODE, order 3): ``"reference"`` (MRS's ODE-3 update, whose half-weight second
+    difference makes it second order; the default, as for ``dpmpp_3m``) or ``"taylor"`` (third order)."""
     if method == "euler_maruyama":
         return MREulerMaruyama()
     if method == "posterior":
@@ -62,6 +62,6 @@ def make_mr_solver(method: str = "ode", parameterization: str = "data", order: i
     options = {"order_rule": order_rule}
     if method == "ode":
         options["third_order"] = third_order
-    elif third_order != "taylor":
+    elif third_order != "reference":
         raise ValueError("third_order applies to the ODE solvers (the SDE solvers are of order 1 or 2)")
     return MR_METHODS[method, parameterization](order, solver_type, lower_order_final, **options)
