@@ -281,7 +281,7 @@ def test_dpm_solver_rule_equals_the_official_dpm_solver_loop():
     ours = Sampler(den, wrapper, steps=10, timesteps=trailing, final="t_min").sample(x_T)
     times = trailing.grid(SCHEDULE, 10, final="t_min").t.tolist()
     assert any(bool((r["t_shifted"] != r["t"]).any()) for r in wrapper.record)
-    assert (ours - official_dpm_solver(den, x_T, times)).abs().max() <= 1e-10
+    assert (ours - official_dpm_solver(den, x_T, times)).abs().max() <= 1e-12  # measured 7e-16
     # the official code watches the noise prediction's variance, not the sample's: variance_of="x" differs
     sane = TimeShift("dpmsolver_2m", 40, 100, rule="dpm_solver", variance_of="x")
     Sampler(den, sane, steps=10, timesteps=trailing, final="t_min").sample(x_T)
