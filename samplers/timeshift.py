@@ -254,7 +254,8 @@ class TimeShift(Solver):
             a1, s1 = _coefficients(schedule, nxt, grid, i + 1)
             lam, lam1 = torch.log(a) - torch.log(s), torch.log(a1) - torch.log(s1)
             lams = (lams + [lam])[-2:]
-            order = _multistep_order(i, n, solver.order, solver.lower_order_final, grid.ends_at_data)
+            order = _multistep_order(i, n, solver.order, solver.lower_order_final, grid.ends_at_data,
+                                     solver.order_rule)
             x_next = _per_sample_update(solver, x, history, lams, lam1, (a, s, a1, s1), order)
             cur_t = nxt
         yield x_next, None
