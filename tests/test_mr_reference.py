@@ -115,3 +115,20 @@ def test_reference_needs_the_mrs_schedule():
         MRSampler(ExactMRDenoiser(STRONG, MRSchedule(), MU), 10,
                   solver=__import__("fewstep.samplers.solvers", fromlist=["DPMSolverPP"]).DPMSolverPP(
                       2, order_rule="official"))
+
+
+def test_mr_scheduler_reference_loop_equals_the_native_reference_sampler():
+    pytest.importorskip("diffusers")
+    from fewstep.samplers.mr import MRScheduler
+
+    den = ExactMRDenoiser(STRONG, OFFICIAL, MU)
+    sched = MRScheduler(prediction_type="noise", reference=True)
+    mu = MU.expand(8, 4).clone()
+    sched.set_timesteps(5, mu=mu)
+    y_T = 50 / 255 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = y_T + mu
+    for t in sched.timesteps:
+        x = sched.step(den(x - mu, float(t)).eps, t, x).prev_sample
+    native = MRSampler(den, 5, parameterization="data", reference=True).sample(mu, y_T=y_T)
+    assert torch.allclose(x, native, atol=1e-12)
+    assert float(sched.grid.sigma[-1]) == pytest.approx(2.2e-3, rel=0.02)
