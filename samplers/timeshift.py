@@ -141,7 +141,7 @@ class TimeShift(Solver):
       the next steps' log-SNR steps use the shifted time (per sample).
 
     ``prk`` (``rule="pndm"`` on PNDM's Runge-Kutta warm-up): ``"official"`` places the warm-up step's
-    stages between ``t_i`` and the shifted end, as TS-DPM does; ``"stretch"`` (fewstep before 0.2) runs
+    stages between ``t_i`` and the shifted end, as TS-DPM does; ``"stretch"`` (fewstep's earlier rule) runs
     the step to ``t_{i+1}`` and extends its chord to ``t_s``. Every other step of DDIM, PNDM, PLMS and
     the DPM-Solver family is linear in ``x / alpha`` along ``sigma_bar`` through its result, so
     extending the chord to ``t_s`` *is* the official transfer to ``t_s`` for them; for multi-stage
