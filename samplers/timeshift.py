@@ -286,7 +286,7 @@ def _coefficients(schedule, t: Tensor, grid: Grid, i: int):
 def _per_sample_update(solver, x, history, lams, lam1, ends, order) -> Tensor:
     """One DPM-Solver(++) step with per-sample times: the same update functions, sample by sample."""
     a, s, a1, s1 = (c.expand(x.shape[0]) if c.ndim == 0 else c for c in ends)
-    lam_now, lam_prev = (l.expand(x.shape[0]) if l.ndim == 0 else l for l in (lams[-1], lams[0]))
+    lam_now, lam_prev = (v.expand(x.shape[0]) if v.ndim == 0 else v for v in (lams[-1], lams[0]))
     lam1 = lam1.expand(x.shape[0]) if lam1.ndim == 0 else lam1
     first = dpmsolver_first_order if solver.prediction == "eps" else dpmpp_first_order
     second = dpmsolver_second_order if solver.prediction == "eps" else dpmpp_second_order

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewstep.samplers.mr import MRSampler, MRSchedule
-from fewstep.samplers.solvers import _multistep_order
+from fewstep.samplers.solvers import DPMSolverPP, _multistep_order
 from fewstep.testbed import ExactMRDenoiser, GaussianMixture, affine_output_law, w2_gaussian
 
 F64 = torch.float64
@@ -115,13 +115,17 @@ def test_mrs_order_pattern():
     assert ours == "12221"
 
 
-def test_reference_needs_the_mrs_schedule():
+def test_bad_reference_options_raise():
     with pytest.raises(ValueError, match="theta_offset"):
         MRSampler(ExactMRDenoiser(STRONG, MRSchedule(), MU), 10, reference=True)
+    with pytest.raises(ValueError, match="pass method/order, not solver"):
+        MRSampler(ExactMRDenoiser(STRONG, OFFICIAL, MU), 10, reference=True, solver=DPMSolverPP(2))
     with pytest.raises(ValueError, match="order_rule"):
-        MRSampler(ExactMRDenoiser(STRONG, MRSchedule(), MU), 10,
-                  solver=__import__("fewstep.samplers.solvers", fromlist=["DPMSolverPP"]).DPMSolverPP(
-                      2, order_rule="official"))
+        DPMSolverPP(2, order_rule="official")
+    with pytest.raises(ValueError, match="discrete"):
+        MRSchedule(discrete=False, theta_offset=True)
+    with pytest.raises(ValueError, match="noisy t = 0"):
+        MRSampler(ExactMRDenoiser(STRONG, MRSchedule(t_min=0.1), MU), 10, final="t_min")
 
 
 def test_mr_scheduler_reference_loop_equals_the_native_reference_sampler():
