@@ -44,10 +44,13 @@ def randn_noise(generator: torch.Generator | None = None) -> NoiseFn:
     return noise
 
 
-def sigma_bar_at(grid: Grid, t: float) -> float:
+def sigma_bar_at(grid: Grid, t: float | Tensor) -> float | Tensor:
     """``sigma / alpha`` at time ``t``: k-diffusion's VE noise level ``sigma``. A grid point's own value
     where ``t`` is one (bit-equal to ``grid.sigma_bar``), else the grid's schedule at ``t`` (PNDM's
     midpoints)."""
+    if torch.is_tensor(t) and t.ndim > 0:  # per-sample times (Time-Shift's shifted stages)
+        t = t.to(torch.float64)
+        return grid.schedule.sigma(t) / grid.schedule.alpha(t)
     hits = (grid.t == t).nonzero()
     if len(hits):
         return grid.sigma_bar[hits[0, 0]].item()

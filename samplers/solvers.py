@@ -18,10 +18,11 @@ from typing import Any, Callable, Generator, Optional
 import torch
 from torch import Tensor
 
-from .denoisers import Prediction
+from .denoisers import Prediction, broadcast_like
 from .timesteps import Grid
 from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_sigma_eta, ddim_step, ddpm_posterior, dpmpp_first_order,
                       dpmpp_second_order, dpmpp_third_order, dpmsolver_first_order, dpmsolver_second_order,
+                      dpmsolver_third_order,
                       sde_dpmpp_first_order, sde_dpmpp_second_order, sde_dpmsolver_first_order,
                       sde_dpmsolver_second_order, sigma_bar_transfer)
 
@@ -143,10 +144,26 @@ class DDPM(Solver):
         yield x_next, None
 
 
-def _multistep_order(i: int, n: int, order: int, lower_order_final: bool, to_data: bool) -> int:
+#: How a multistep solver picks each step's order: diffusers' rule, or the MRS code's.
+ORDER_RULES = ("diffusers", "mrs")
+
+
+def _multistep_order(i: int, n: int, order: int, lower_order_final: bool, to_data: bool,
+                     rule: str = "diffusers") -> int:
     """Order of step ``i`` of ``n`` as diffusers' DPMSolverMultistepScheduler chooses it: warm up
     from first order; the step to clean data is first order; with ``lower_order_final`` and fewer
-    than 15 steps the last step is first order and the one before at most second."""
+    than 15 steps the last step is first order and the one before at most second.
+
+    ``rule="mrs"`` (MRS's ``MRSampler.sampling``): warm up likewise; with fewer than 10 steps the steps
+    after the warm-up but the last take ``min(order, n - 1 - i)``; the last step takes the full order
+    (5 steps at order 2: 1, 2, 2, 1, 2), unless it goes to clean data (``h = inf``: first order).
+    """
+    if rule == "mrs":
+        if i == n - 1:
+            return 1 if to_data else min(order, i + 1)
+        if i >= order - 1 and n < 10:
+            return min(order, n - 1 - i)
+        return min(order, i + 1)
     order = min(order, i + 1)
     if i == n - 1 and (to_data or (lower_order_final and n < 15)):
         return 1
@@ -177,7 +194,8 @@ class Multistep(Solver):
             if hs[-1] == 0:  # zero-length final step (diffusers' leading grids can end on t_min)
                 x_next = x
                 continue
-            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data)
+            order = _multistep_order(i, n, self.order, self.lower_order_final, grid.ends_at_data,
+                                     getattr(self, "order_rule", "diffusers"))
             ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
             x_next, state = self.update(x, history, hs, ends, order, noise, state)
         yield x_next, None
@@ -187,14 +205,24 @@ class Multistep(Solver):
         raise NotImplementedError
 
 
-def _dpm_options(solver: Multistep, label: str, orders: tuple, order, solver_type, lower_order_final) -> None:
+def _dpm_options(solver: Multistep, label: str, orders: tuple, order, solver_type, lower_order_final,
+                 order_rule: str = "diffusers") -> None:
     """Validate and set the options every DPM-Solver variant takes."""
     if order not in orders:
         allowed = ", ".join(map(str, orders[:-1])) + f" or {orders[-1]}"
         raise ValueError(f"{label} order must be {allowed}, got {order!r}")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"unknown solver_type {solver_type!r}; expected 'midpoint' or 'heun'")
+    if order_rule not in ORDER_RULES:
+        raise ValueError(f"unknown order_rule {order_rule!r}; expected one of {ORDER_RULES}")
     solver.order, solver.solver_type, solver.lower_order_final = int(order), solver_type, bool(lower_order_final)
+    solver.order_rule = order_rule
+
+
+def _third_order_option(third_order: str) -> str:
+    if third_order not in ("taylor", "reference"):
+        raise ValueError(f"unknown third_order {third_order!r}; expected 'taylor' or 'reference'")
+    return third_order
 
 
 class DPMSolverPP(Multistep):
@@ -203,19 +231,20 @@ class DPMSolverPP(Multistep):
     ``solver_type``: ``"midpoint"`` (the paper's 2M, diffusers' default) or ``"heun"`` (Taylor).
     ``lower_order_final``: diffusers' rule (see ``_multistep_order``); the step to clean data is
     always first order (the higher-order terms are undefined at ``h = inf``).
-    ``third_order``: ``"taylor"`` (3M as the Taylor expansion requires, third order) or
-    ``"reference"`` (the reference code's half-weight second difference, second order; matches
-    diffusers' ``solver_order=3``). See ``updates.dpmpp_third_order``.
+    ``third_order``: ``"reference"`` (the default: the reference code's half-weight second difference,
+    second order asymptotically; DPM-Solver's, diffusers' ``solver_order=3`` and k-diffusion's 3M) or
+    ``"taylor"`` (3M as the Taylor expansion requires, third order). At the 5-20 NFE of few-step
+    sampling the reference weight is the more accurate on the exact testbed and on the embedded teacher
+    (docs/faithfulness.md), so it is the default; ``"taylor"`` wins from about 50 NFE. See
+    ``updates.dpmpp_third_order``.
     """
 
     name = "dpmpp"
 
     def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True,
-                 third_order: str = "taylor"):
-        _dpm_options(self, "DPM-Solver++", (1, 2, 3), order, solver_type, lower_order_final)
-        if third_order not in ("taylor", "reference"):
-            raise ValueError(f"unknown third_order {third_order!r}; expected 'taylor' or 'reference'")
-        self.third_order = third_order
+                 third_order: str = "reference", order_rule: str = "diffusers"):
+        _dpm_options(self, "DPM-Solver++", (1, 2, 3), order, solver_type, lower_order_final, order_rule)
+        self.third_order = _third_order_option(third_order)
 
     def update(self, x, m, hs, ends, order, noise, state):
         if order == 1:
@@ -232,8 +261,9 @@ class SDEDPMSolverPP(Multistep):
     name = "sde_dpmpp"
     stochastic = True
 
-    def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True):
-        _dpm_options(self, "SDE-DPM-Solver++", (1, 2), order, solver_type, lower_order_final)
+    def __init__(self, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True,
+                 order_rule: str = "diffusers"):
+        _dpm_options(self, "SDE-DPM-Solver++", (1, 2), order, solver_type, lower_order_final, order_rule)
 
     def update(self, x, m, hs, ends, order, noise, state):
         if order == 1:
@@ -243,19 +273,26 @@ class SDEDPMSolverPP(Multistep):
 
 class DPMSolver(Multistep):
     """DPM-Solver multistep with noise prediction (Lu et al. 2022a; MRS with ``parameterization="noise"``),
-    order 1 or 2. Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
+    order 1, 2 or 3 (``third_order`` as ``DPMSolverPP``'s, default ``"reference"``: MRS's ODE-3 noise update).
+    Orders as ``DPMSolverPP`` (``_multistep_order``): the step to clean data is first order."""
 
     name = "dpmsolver"
     label = "DPM-Solver (noise prediction)"
     prediction = "eps"
+    orders = (1, 2, 3)
 
-    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False):
-        _dpm_options(self, self.label, (1, 2), order, solver_type, lower_order_final)
+    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False,
+                 order_rule: str = "diffusers", third_order: str = "reference"):
+        _dpm_options(self, self.label, self.orders, order, solver_type, lower_order_final, order_rule)
+        self.third_order = _third_order_option(third_order)
 
     def update(self, x, e, hs, ends, order, noise, state):
         if order == 1:
             return dpmsolver_first_order(x, e[-1], *ends, hs[-1]), state
-        return dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+        if order == 2:
+            return dpmsolver_second_order(x, e[-1], e[-2], *ends, hs[-1], hs[-2], self.solver_type), state
+        d2_weight = 2.0 if self.third_order == "taylor" else 1.0
+        return dpmsolver_third_order(x, e[-1], e[-2], e[-3], *ends, hs[-1], hs[-2], hs[-3], d2_weight), state
 
 
 class SDEDPMSolver(DPMSolver):
@@ -265,6 +302,11 @@ class SDEDPMSolver(DPMSolver):
     name = "sde_dpmsolver"
     label = "SDE-DPM-Solver (noise prediction)"
     stochastic = True
+    orders = (1, 2)
+
+    def __init__(self, order: int = 2, solver_type: str = "heun", lower_order_final: bool = False,
+                 order_rule: str = "diffusers"):
+        _dpm_options(self, self.label, self.orders, order, solver_type, lower_order_final, order_rule)
 
     def update(self, x, e, hs, ends, order, noise, state):
         if ends[3] == 0:
@@ -299,33 +341,40 @@ class PNDM(Solver):
             raise ValueError(f"unknown warmup {warmup!r}; expected one of {self.WARMUPS}")
         self.order, self.warmup = int(order), warmup
 
-    def steps(self, grid, noise):
+    def steps(self, grid, noise, target: Callable[[int, Tensor], Optional[Tensor]] | None = None):
+        """``target(i, x_i)``, where given, may move step ``i``'s end to per-sample times ``[B]`` (None:
+        the grid's ``t[i+1]``); the next step then treats the result as being at ``t[i+1]``. This is
+        the official Time-Shift loop (TS-DPM's ``PNMSolver``): a Runge-Kutta warm-up step places its
+        stages between ``t[i]`` and the moved end, every other step transfers to the moved end."""
         t, alpha, sigma, _ = _scalars(grid)
         n, x_next, history = grid.n_steps, None, []
         for i in range(n):
             a, s, a1, s1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             x, pred = yield x_next, t[i]
-            if self.warmup == "prk" and i < self.order - 1 and s1 > 0:
-                x_next = yield from self._prk_step(x, pred, grid, i)
+            t1 = t[i + 1]
+            moved = None if target is None else target(i, x)
+            if moved is not None:
+                t1, a1, s1 = moved, *_per_sample_ends(grid, moved, x)
+            if self.warmup == "prk" and i < self.order - 1 and sigma[i + 1] > 0:
+                x_next = yield from self._prk_step(x, pred, grid, t[i], t1, (a, s, a1, s1))
                 history.append(pred.eps)
                 continue
             history = (history + [pred.eps])[-self.order:]
             if self.warmup == "heun" and i == 0 and n > 1:
                 # Euler to the next point, evaluate there, redo the step with the mean slope.
                 x_euler = sigma_bar_transfer(x, pred.eps, a, s, a1, s1)
-                _, pred_euler = yield x_euler, t[1]
+                _, pred_euler = yield x_euler, t1
                 x_next = sigma_bar_transfer(x, 0.5 * (pred.eps + pred_euler.eps), a, s, a1, s1)
                 continue
             x_next = sigma_bar_transfer(x, adams_bashforth(history), a, s, a1, s1)
         yield x_next, None
 
-    def _prk_step(self, x, pred, grid: Grid, i: int):
-        """PNDM's pseudo 4th-order Runge-Kutta step (Liu et al. 2022, eq. 13), midpoint in ``t``."""
-        t0, t1 = grid.t[i].item(), grid.t[i + 1].item()
-        a, s, a1, s1 = (grid.alpha[i].item(), grid.sigma[i].item(), grid.alpha[i + 1].item(),
-                        grid.sigma[i + 1].item())
+    def _prk_step(self, x, pred, grid: Grid, t0: float, t1, ends):
+        """PNDM's pseudo 4th-order Runge-Kutta step (Liu et al. 2022, eq. 13) from ``t0`` to ``t1``
+        (a float, or per-sample times), its stages at the midpoint in ``t``."""
+        a, s, a1, s1 = ends
         tm = 0.5 * (t0 + t1)
-        am, sm = self._schedule_at(grid, tm)
+        am, sm = self._schedule_at(grid, tm, x)
         e1 = pred.eps
         _, p2 = yield sigma_bar_transfer(x, e1, a, s, am, sm), tm
         _, p3 = yield sigma_bar_transfer(x, p2.eps, a, s, am, sm), tm
@@ -334,12 +383,20 @@ class PNDM(Solver):
         return sigma_bar_transfer(x, slope, a, s, a1, s1)
 
     @staticmethod
-    def _schedule_at(grid: Grid, t: float):
+    def _schedule_at(grid: Grid, t, x: Tensor):
         sched = getattr(grid, "schedule", None)
         if sched is None:
             raise ValueError("PNDM's Runge-Kutta warm-up needs a grid built from a schedule")
+        if torch.is_tensor(t):
+            return _per_sample_ends(grid, t, x)
         tt = torch.tensor(t, dtype=torch.float64)
         return sched.alpha(tt).item(), sched.sigma(tt).item()
+
+
+def _per_sample_ends(grid: Grid, t: Tensor, x: Tensor):
+    """``(alpha, sigma)`` at per-sample times ``t``, shaped to multiply ``x``."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return broadcast_like(grid.schedule.alpha(t), x), broadcast_like(grid.schedule.sigma(t), x)
 
 
 class Euler(Solver):

@@ -5,18 +5,20 @@ A trained network's samples ``x_t`` drift from the marginal at ``t`` (exposure b
 picks, per sample, the time ``t_s`` near the nominal one whose noise level matches the sample's
 variance best, ``t_s = argmin_tau (Var(x) - (alpha_tau^2 v + sigma_tau^2))^2`` over a window
 (``v``: the data's per-coordinate variance, 0 in the official code, which matches ``1 - abar_tau``).
-The official backbones apply it in two ways; both are here, named by what they shift:
+The official backbones apply it in four ways; all are here, named by what they shift:
 
 - ``"model"`` (``TimeShiftDenoiser``; the DEIS backbone): query the network at ``t_s`` around the
   current time, keep the solver's coefficients nominal (``eps`` from ``t_s``, ``x0`` re-derived at
   ``t``). Works with every sampler, and in diffusers pipelines through ``TimeShiftUNet``.
-- ``"target"`` (``TimeShift``; the PNDM/DDIM and ADM backbones): after each step ``i -> i+1``
-  retarget the step to ``t_s`` around ``t_{i+1}``, matched to the variance of the *current* sample
-  ``x_i`` (as the official code does), by extending the step linearly in ``x / alpha`` against
-  ``sigma / alpha``; the next step treats the result as being at the nominal ``t_{i+1}``.
+- ``"target"`` (``TimeShift``): move the end of each step to a variance-matched time, by the rule of
+  one backbone: ``rule="pndm"`` (TS-DPM's DDIM/PNDM loop: window around ``t_{i+1}``, variance of the
+  step's start ``x_i``; the default), ``"adm"`` (TS-DPM-ADM: window around the current ``t_i``) or
+  ``"dpm_solver"`` (TS-DPM's DPM-Solver: variance of the noise prediction, the sample re-timed).
 
-Both skip the first step and every time at or below ``cutoff``, and record the chosen shifts.
-Window and cutoff are in the schedule's time units (training-index units for diffusers schedules).
+Model-time skips the first model call of a run (``skip_first``), target-time the first step; both
+skip every time at or below ``cutoff`` and record the chosen shifts. Window and cutoff are in the
+schedule's time units (training-index units for diffusers schedules). The departures from the
+official code that remain are listed in docs/faithfulness.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import Tensor, nn
 from .denoisers import Denoiser, Prediction, broadcast_like
 from .registry import make_solver
 from .schedules import DiscreteVPSchedule, Schedule
-from .solvers import Solver
+from .solvers import PNDM, DPMSolver, DPMSolverPP, Solver, _multistep_order
+from .updates import dpmpp_first_order, dpmpp_second_order, dpmsolver_first_order, dpmsolver_second_order
 from .timesteps import Grid
 
 __all__ = ["variance_matched_times", "TimeShiftDenoiser", "TimeShift", "TimeShiftUNet"]
@@ -67,11 +70,27 @@ def variance_matched_times(x: Tensor, t_center: float, schedule: Schedule, windo
     return candidates[best]
 
 
+class _FirstCall:
+    """Tells the first model call of each run: the first after construction or ``reset()``, or a call at
+    a time above the previous call's (times never increase within a run). Two consecutive runs of one
+    step at the same time look like one run: call ``reset()`` between them."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, t: float) -> bool:
+        first = self.last is None or t > self.last
+        self.last = t
+        return first
+
+
 class TimeShiftDenoiser(Denoiser):
     """Model-time shifting: the network sees ``t_s`` (per sample), the solver keeps its nominal ``t``.
 
-    ``window = 0`` (or every ``t <= cutoff``) reproduces ``denoiser`` exactly. ``record`` lists
-    ``{"t": nominal, "t_shifted": [B] tensor}`` for every call; ``reset()`` clears it.
+    ``skip_first=True`` never shifts the first model call of a run, wherever the grid starts (see
+    ``_FirstCall``); ``False`` shifts it too, as the official DEIS backbone does. ``window = 0`` (or
+    every ``t <= cutoff``) reproduces ``denoiser`` exactly. ``record`` lists ``{"t": nominal,
+    "t_shifted": [B] tensor}`` for every call; ``reset()`` clears it and starts a new run.
     """
 
     def __init__(self, denoiser: Denoiser, window: float = 30.0, cutoff: float = 300.0, data_variance: float = 0.0,
@@ -81,13 +100,15 @@ class TimeShiftDenoiser(Denoiser):
         self.denoiser, self.schedule = denoiser, denoiser.schedule
         self.window, self.cutoff, self.data_variance, self.skip_first = float(window), float(cutoff), data_variance, skip_first
         self.record: list[dict] = []
+        self._first = _FirstCall()
 
     def reset(self):
         self.record = []
+        self._first = _FirstCall()
 
     def forward(self, x: Tensor, t) -> Prediction:
         t = torch.as_tensor(t, dtype=_F64)
-        first = self.skip_first and t.ndim == 0 and float(t) >= self.schedule.t_max - 1e-9
+        first = t.ndim == 0 and self._first(float(t)) and self.skip_first
         if self.window == 0 or t.ndim != 0 or float(t) <= self.cutoff or first:
             self.record.append({"t": t.clone(), "t_shifted": t.expand(x.shape[0]).clone()})
             return self.denoiser(x, t)
@@ -98,27 +119,88 @@ class TimeShiftDenoiser(Denoiser):
         return Prediction(eps=eps, x=x, alpha=broadcast_like(alpha, x), sigma=broadcast_like(sigma, x))
 
 
-class TimeShift(Solver):
-    """Target-time shifting around any deterministic solver (by name or instance).
+#: Target-time rules of the official backbones (TS-DPM and TS-DPM-ADM); see ``TimeShift``.
+RULES = ("pndm", "adm", "dpm_solver")
 
-    After step ``i -> i+1`` (``i >= 1``, ``t_{i+1} > cutoff``, not the step to clean data) the result
-    is moved along the step's own direction in ``(sigma_bar, x / alpha)`` to the variance-matched
-    ``t_s`` near ``t_{i+1}``. Every solver step here starts from ``x_i`` and is linear in
-    ``x / alpha`` along ``sigma_bar`` through its result (DDIM, PNDM, DPM-Solver++ alike), so this
-    is the official "transfer to t_next" for all of them. ``window = 0`` is the wrapped solver.
+
+class TimeShift(Solver):
+    """Target-time shifting around a deterministic solver (by name or instance), by one of the official
+    backbones' rules (``rule``):
+
+    - ``"pndm"`` (TS-DPM's ``PNMSolver``, DDIM and PNDM): after step ``i -> i+1`` (``i >= 1``,
+      ``t_{i+1} > cutoff``, not the step to clean data) the step ends at the time ``t_s`` matched to
+      the variance of the step's *start* ``x_i`` in a window around ``t_{i+1}``; the next step treats
+      the result as being at the nominal ``t_{i+1}``.
+    - ``"adm"`` (TS-DPM-ADM's ``ddim_sample``): the window is centred on the *current* time: ``t_s``
+      matched to ``Var(x_i)`` around ``t_i``, gated by ``t_i > cutoff`` (``i >= 1``), and the step ends at
+      ``t_{i+1} + (t_s - t_i)``; the next step again starts from the nominal ``t_{i+1}``.
+    - ``"dpm_solver"`` (TS-DPM's DPM-Solver backbone; ``dpmsolver_2m`` / ``dpmpp_2m`` only): from step
+      ``i = order - 1`` on, the target is matched to the variance of the solver's newest *prediction*
+      (the noise prediction in the official code: ``variance_of="prediction"``; ``"x"`` takes the
+      sample's), in a window around ``t_{i+1}``; the sample is then *re-timed*: the next model call and
+      the next steps' log-SNR steps use the shifted time (per sample).
+
+    ``prk`` (``rule="pndm"`` on PNDM's Runge-Kutta warm-up): ``"official"`` places the warm-up step's
+    stages between ``t_i`` and the shifted end, as TS-DPM does; ``"stretch"`` (fewstep's earlier rule) runs
+    the step to ``t_{i+1}`` and extends its chord to ``t_s``. Every other step of DDIM, PNDM, PLMS and
+    the DPM-Solver family is linear in ``x / alpha`` along ``sigma_bar`` through its result, so
+    extending the chord to ``t_s`` *is* the official transfer to ``t_s`` for them; for multi-stage
+    solvers (Heun, PLMS's first step, RK warm-ups under ``"stretch"``) it is an approximation.
+    ``window = 0`` is the wrapped solver. ``record`` lists ``{"t", "t_shifted"}`` per shifted step.
     """
 
     name = "time_shift"
 
     def __init__(self, solver: str | Solver, window: float = 30.0, cutoff: float = 300.0, data_variance: float = 0.0,
-                 **solver_options):
+                 rule: str = "pndm", prk: str = "official", variance_of: str | None = None, **solver_options):
         _check_window(window, cutoff)
+        if rule not in RULES:
+            raise ValueError(f"unknown time-shift rule {rule!r}; expected one of {RULES}")
+        if prk not in ("official", "stretch"):
+            raise ValueError(f"unknown prk {prk!r}; expected 'official' or 'stretch'")
+        variance_of = variance_of or ("prediction" if rule == "dpm_solver" else "x")
+        if variance_of not in ("x", "prediction") or (variance_of == "prediction" and rule != "dpm_solver"):
+            raise ValueError(f"variance_of={variance_of!r}: 'x', or 'prediction' with rule='dpm_solver'")
         self.solver = make_solver(solver, **solver_options)
         if self.solver.stochastic:
             raise ValueError(f"target-time shifting needs a deterministic solver, not {self.solver!r} "
                              "(use TimeShiftDenoiser, model-time shifting, with stochastic samplers)")
+        if rule == "dpm_solver" and not (isinstance(self.solver, (DPMSolver, DPMSolverPP)) and self.solver.order <= 2):
+            raise ValueError(f"rule='dpm_solver' re-times DPM-Solver (dpmsolver_2m) or DPM-Solver++ of order 1-2, "
+                             f"not {self.solver!r}")
         self.window, self.cutoff, self.data_variance = float(window), float(cutoff), data_variance
+        self.rule, self.prk, self.variance_of = rule, prk, variance_of
         self.record: list[dict] = []
+
+    def steps(self, grid, noise):
+        _check_window(self.window, self.cutoff, grid.schedule)
+        self.record = []
+        if self.rule == "dpm_solver":
+            return (yield from self._retimed_steps(grid))
+        if self.rule == "pndm" and self.prk == "official" and isinstance(self.solver, PNDM):
+            return (yield from self.solver.steps(grid, noise, target=lambda i, x: self._pndm_target(i, x, grid)))
+        return (yield from self._stretched_steps(grid, noise))
+
+    def _shifted(self, x: Tensor, center: float, nominal: float, schedule) -> Tensor:
+        t_s = variance_matched_times(x, center, schedule, self.window, self.data_variance)
+        target = (t_s + (nominal - center)).clamp(schedule.t_min, schedule.t_max)
+        self.record.append({"t": nominal, "t_shifted": target})
+        return target
+
+    def _pndm_target(self, i: int, x_i: Tensor, grid: Grid) -> Tensor | None:
+        if not (self.window > 0 and i >= 1 and float(grid.sigma[i + 1]) > 0 and float(grid.t[i + 1]) > self.cutoff):
+            return None
+        t_next = float(grid.t[i + 1])
+        return self._shifted(x_i, t_next, t_next, grid.schedule)
+
+    def _target(self, i: int, x_i: Tensor, grid: Grid) -> Tensor | None:
+        """The shifted end of step ``i`` (per sample) under ``rule``, or None where it is not shifted."""
+        if self.rule == "pndm":
+            return self._pndm_target(i, x_i, grid)
+        t_i = float(grid.t[i])
+        if not (self.window > 0 and i >= 1 and float(grid.sigma[i + 1]) > 0 and t_i > self.cutoff):
+            return None
+        return self._shifted(x_i, t_i, float(grid.t[i + 1]), grid.schedule)
 
     def _step_starts(self, grid: Grid) -> list[int]:
         """Index in the plan of the call that starts each step (where the solver holds ``x_i``): the last
@@ -133,12 +215,11 @@ class TimeShift(Solver):
             starts.append(at[-1])
         return starts
 
-    def steps(self, grid, noise):
-        _check_window(self.window, self.cutoff, grid.schedule)
-        self.record = []
+    def _stretched_steps(self, grid, noise):
+        """Run the wrapped solver to the nominal grid and extend each shifted step's chord to its target."""
         starts = self._step_starts(grid)
         boundary = {k: i for i, k in enumerate(starts)}
-        t, alpha, sigma = grid.t.tolist(), grid.alpha.tolist(), grid.sigma.tolist()
+        alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()
         run = self.solver.steps(grid, noise)
         x_out, t_eval = next(run)
         x_i, k = None, 0
@@ -148,36 +229,87 @@ class TimeShift(Solver):
                 x_i, i = x, boundary[k]
             x_out, t_eval = run.send((x, pred))
             k += 1
-            ends_step = (k in boundary) or t_eval is None
-            if ends_step and self._applies(i, grid):
-                x_out = self._retarget(x_i, x_out, i, t, alpha, sigma, grid.schedule)
+            if (k in boundary) or t_eval is None:
+                target = self._target(i, x_i, grid)
+                if target is not None:
+                    x_out = _extend_chord(x_i, x_out, alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], target,
+                                          grid.schedule)
         yield x_out, None
 
-    def _applies(self, i: int, grid: Grid) -> bool:
-        t_next = float(grid.t[i + 1])
-        return self.window > 0 and i >= 1 and float(grid.sigma[i + 1]) > 0 and t_next > self.cutoff
-
-    def _retarget(self, x_i, x_next, i, t, alpha, sigma, schedule) -> Tensor:
-        sb_i, sb_next = sigma[i] / alpha[i], sigma[i + 1] / alpha[i + 1]
-        slope = (x_next / alpha[i + 1] - x_i / alpha[i]) / (sb_next - sb_i)
-        t_s = variance_matched_times(x_i, t[i + 1], schedule, self.window, self.data_variance)
-        self.record.append({"t": t[i + 1], "t_shifted": t_s})
-        a_s, s_s = schedule.alpha(t_s), schedule.sigma(t_s)
-        sb_s = broadcast_like(s_s / a_s, x_i)
-        return broadcast_like(a_s, x_i) * (x_i / alpha[i] + (sb_s - sb_i) * slope)
+    def _retimed_steps(self, grid):
+        """DPM-Solver's multistep loop with TS-DPM's re-timing: each sample carries its own current time."""
+        solver, schedule = self.solver, grid.schedule
+        n, t = grid.n_steps, grid.t.tolist()
+        cur_t = torch.tensor(t[0], dtype=_F64)  # scalar, then per-sample once a step is shifted
+        history, lams, x_next = [], [], None
+        for i in range(n):
+            x, pred = yield x_next, (float(cur_t) if cur_t.ndim == 0 else cur_t)
+            history = (history + [getattr(pred, solver.prediction)])[-2:]
+            nxt = torch.tensor(t[i + 1], dtype=_F64)
+            last = float(grid.sigma[i + 1]) == 0
+            if self.window > 0 and i + 1 >= solver.order and not last and t[i + 1] > self.cutoff:
+                watched = history[-1] if self.variance_of == "prediction" else x
+                nxt = self._shifted(watched, t[i + 1], t[i + 1], schedule)
+            a, s = _coefficients(schedule, cur_t, grid, i)
+            a1, s1 = _coefficients(schedule, nxt, grid, i + 1)
+            lam, lam1 = torch.log(a) - torch.log(s), torch.log(a1) - torch.log(s1)
+            lams = (lams + [lam])[-2:]
+            order = _multistep_order(i, n, solver.order, solver.lower_order_final, grid.ends_at_data,
+                                     solver.order_rule)
+            x_next = _per_sample_update(solver, x, history, lams, lam1, (a, s, a1, s1), order)
+            cur_t = nxt
+        yield x_next, None
 
     def options(self) -> dict:
         return {"solver": self.solver, "window": self.window, "cutoff": self.cutoff,
-                "data_variance": self.data_variance}
+                "data_variance": self.data_variance, "rule": self.rule, "prk": self.prk,
+                "variance_of": self.variance_of}
+
+
+def _extend_chord(x_i, x_next, a_i, s_i, a_next, s_next, t_s, schedule) -> Tensor:
+    """Move ``x_next`` along the step's chord in ``(sigma_bar, x / alpha)`` to the times ``t_s``."""
+    sb_i, sb_next = s_i / a_i, s_next / a_next
+    slope = (x_next / a_next - x_i / a_i) / (sb_next - sb_i)
+    a_s, s_s = schedule.alpha(t_s), schedule.sigma(t_s)
+    sb_s = broadcast_like(s_s / a_s, x_i)
+    return broadcast_like(a_s, x_i) * (x_i / a_i + (sb_s - sb_i) * slope)
+
+
+def _coefficients(schedule, t: Tensor, grid: Grid, i: int):
+    """``(alpha, sigma)`` at ``t`` (scalar or per sample) as float64 tensors; grid point ``i``'s own values
+    where ``t`` is that grid point (clean data has no time)."""
+    if t.ndim == 0 and (float(t) == float(grid.t[i]) or float(grid.sigma[i]) == 0):
+        return grid.alpha[i].clone(), grid.sigma[i].clone()
+    return schedule.alpha(t), schedule.sigma(t)
+
+
+def _per_sample_update(solver, x, history, lams, lam1, ends, order) -> Tensor:
+    """One DPM-Solver(++) step with per-sample times: the same update functions, sample by sample."""
+    a, s, a1, s1 = (c.expand(x.shape[0]) if c.ndim == 0 else c for c in ends)
+    lam_now, lam_prev = (v.expand(x.shape[0]) if v.ndim == 0 else v for v in (lams[-1], lams[0]))
+    lam1 = lam1.expand(x.shape[0]) if lam1.ndim == 0 else lam1
+    first = dpmsolver_first_order if solver.prediction == "eps" else dpmpp_first_order
+    second = dpmsolver_second_order if solver.prediction == "eps" else dpmpp_second_order
+    out = []
+    for b in range(x.shape[0]):
+        e = [m[b:b + 1] for m in history]
+        sc = (float(a[b]), float(s[b]), float(a1[b]), float(s1[b]))
+        h = float(lam1[b] - lam_now[b])
+        if order == 1 or len(history) < 2:
+            out.append(first(x[b:b + 1], e[-1], *sc, h))
+        else:
+            out.append(second(x[b:b + 1], e[-1], e[-2], *sc, h, float(lam_now[b] - lam_prev[b]), solver.solver_type))
+    return torch.cat(out)
 
 
 class TimeShiftUNet(nn.Module):
     """Model-time shifting inside a diffusers pipeline: ``pipe.unet = TimeShiftUNet(pipe.unet,
     pipe.scheduler.config, window=30, cutoff=300)``. Each call replaces the timestep by the per-sample
-    variance-matched one; the scheduler keeps the nominal step (so eps-prediction networks only)."""
+    variance-matched one; the scheduler keeps the nominal step (so eps-prediction networks only).
+    ``skip_first`` as ``TimeShiftDenoiser``'s: the first call of each pipeline run is not shifted."""
 
     def __init__(self, unet: nn.Module, scheduler_config, window: float = 30.0, cutoff: float = 300.0,
-                 data_variance: float = 0.0):
+                 data_variance: float = 0.0, skip_first: bool = True):
         super().__init__()
         if dict(scheduler_config).get("prediction_type", "epsilon") != "epsilon":
             raise ValueError("TimeShiftUNet keeps the scheduler's nominal coefficients: eps prediction only")
@@ -185,7 +317,13 @@ class TimeShiftUNet(nn.Module):
         self.schedule = DiscreteVPSchedule.from_diffusers_config(scheduler_config)
         _check_window(window, cutoff, self.schedule)
         self.window, self.cutoff, self.data_variance = float(window), float(cutoff), data_variance
+        self.skip_first = skip_first
         self.record: list[dict] = []
+        self._first = _FirstCall()
+
+    def reset(self):
+        self.record = []
+        self._first = _FirstCall()
 
     @property
     def config(self):
@@ -201,7 +339,8 @@ class TimeShiftUNet(nn.Module):
 
     def forward(self, sample: Tensor, timestep, *args, **kwargs):
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        if self.window > 0 and self.cutoff < t < self.schedule.t_max:
+        first = self._first(t) and self.skip_first
+        if self.window > 0 and t > self.cutoff and not first:
             t_s = variance_matched_times(sample, t, self.schedule, self.window, self.data_variance)
             self.record.append({"t": t, "t_shifted": t_s})
             timestep = t_s.to(device=sample.device, dtype=torch.float32)

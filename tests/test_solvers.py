@@ -10,7 +10,7 @@ from fewstep.samplers import (SAMPLERS, ContinuousVPSchedule, DiscreteVPSchedule
                       Sampler, TimeUniform)
 from fewstep.testbed import convergence
 from fewstep.testbed.convergence import measured_order
-from fewstep.testbed import ExactDenoiser, GaussianMixture
+from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
 
 GAUSS = GaussianMixture(means=[[0.5, -1.0, 0.2, 0.0]], variances=[[0.3, 0.05, 1.0, 2.0]])
 VP = ContinuousVPSchedule("linear")
@@ -37,7 +37,7 @@ ORDER_CASES = [
     ("vp", "heun", "log_snr", {}, 0, [16, 32, 64, 128], 2),
     ("vp", "dpmpp_2m", "log_snr", {"lower_order_final": False}, 0, [16, 32, 64, 128], 2),
     ("vp", "dpmpp_2m", "log_snr", {"lower_order_final": False, "solver_type": "heun"}, 0, [16, 32, 64, 128], 2),
-    ("vp", "dpmpp_3m", "karras", {"lower_order_final": False}, 2, [32, 64, 128, 256], 3),
+    ("vp", "dpmpp_3m", "karras", {"lower_order_final": False, "third_order": "taylor"}, 2, [32, 64, 128, 256], 3),
     ("edm", "ddim", EDM_WINDOW, {}, 0, [16, 32, 64, 128], 1),
     ("edm", "heun", EDM_WINDOW, {}, 0, [16, 32, 64, 128], 2),
     ("edm", "pndm", EDM_WINDOW, {}, 0, [64, 128, 256], 4),
@@ -63,9 +63,44 @@ def test_dpmpp_3m_reference_coefficient_is_second_order():
     steps = [128, 256, 512]
     ref = [endpoint_error(VP, "dpmpp_3m", n, "karras", 2, lower_order_final=False, third_order="reference")
            for n in steps]
-    ours = [endpoint_error(VP, "dpmpp_3m", n, "karras", 2, lower_order_final=False) for n in steps]
+    ours = [endpoint_error(VP, "dpmpp_3m", n, "karras", 2, lower_order_final=False, third_order="taylor")
+            for n in steps]
     assert measured_order(ref, steps) == pytest.approx(2, abs=0.35)
     assert ours[-1] < ref[-1] / 5
+
+
+def test_noise_prediction_3m_is_third_order_and_the_reference_weight_second():
+    """DPM-Solver-3M with noise prediction (new): third order with our weight; MRS's ODE-3 noise update
+    (the reference weight) is second order, as the reference DPM-Solver++(3M)."""
+    steps = [64, 128, 256]
+    ours = [endpoint_error(VP, "dpmsolver_3m", n, "karras", 2, lower_order_final=False, third_order="taylor")
+            for n in steps]
+    ref = [endpoint_error(VP, "dpmsolver_3m", n, "karras", 2, lower_order_final=False, third_order="reference")
+           for n in steps]
+    assert measured_order(ours, steps) == pytest.approx(3, abs=0.35), ours
+    assert measured_order(ref, steps) == pytest.approx(2, abs=0.35), ref
+
+
+def test_dpmpp_3m_defaults_to_the_reference_weight_because_it_is_more_accurate_at_few_steps():
+    """The default third-order weight is the reference code's: at the 5-20 NFE of few-step sampling it
+    is the more accurate (exact Gaussian testbed, Karras grid, default options; benchmarks/
+    dpmpp_3m_weight.py), though only Taylor's weight is third order (the tests above)."""
+    from fewstep.samplers.registry import make_solver
+
+    assert make_solver("dpmpp_3m").third_order == "reference"
+    assert make_solver("dpmsolver_3m").third_order == "reference"
+    schedule = DiscreteVPSchedule.from_diffusers_config({})
+    x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def rmse(nfe, **options):
+        sampler = Sampler.for_nfe(ExactDenoiser(GAUSS, schedule), "dpmpp_3m", nfe, timesteps="karras", **options)
+        exact = mixture_pf_ode_solution(GAUSS, schedule, x_T, sampler.grid.t[0].item(), None)
+        return (sampler.sample(x_T) - exact).pow(2).mean().sqrt().item()
+
+    for nfe in (5, 10, 15, 20):
+        default, taylor = rmse(nfe), rmse(nfe, third_order="taylor")
+        assert default == rmse(nfe, third_order="reference")
+        assert default < taylor, (nfe, default, taylor)
 
 
 def test_dpmpp_beats_ddim_at_ten_steps_on_every_schedule():

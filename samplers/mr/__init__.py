@@ -20,6 +20,10 @@ In ``y = x - mu`` this is an ordinary Gaussian path ``y_t = alpha_t y_0 + sigma_
     sampler = MRSampler(MRDenoiser(net, MRSchedule(), "noise"), steps=20)   # ODE, data prediction, order 2
     restored = sampler.sample(mu=degraded, generator=g)
 
+``MRSampler(reference=True)`` over ``MRSchedule(theta_offset=True)`` reproduces the MRS code's runs (its
+schedule's theta_0 offset, its noisy endpoint t = 0, its order rule); docs/faithfulness.md lists each
+departure of our default from them with its measured effect.
+
 Data prediction is the default: noise prediction collapses at <= 10 NFE (paper sec. 5.2). On the exact
 testbed (tests/test_mr.py, benchmarks/mr_table.py) the noise-prediction SDE solver collapses at 5 NFE and
 the noise-prediction ODE solver is 1.3-2x further from the data than data prediction at <= 10 NFE.

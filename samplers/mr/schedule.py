@@ -34,6 +34,11 @@ class MRSchedule(Schedule):
     uses it in its step ``t -> t - 1``), so ``t_from_log_snr`` is its exact inverse. ``t = 0`` is clean
     data (``alpha = 1, sigma = 0``): grids reach it with ``final="zero"``.
 
+    ``theta_offset=True`` (the MRS code's IR-SDE, ``utils/sde_utils.py``): ``thetas_cumsum`` keeps
+    ``theta_0`` (daclip-uir subtracts it), so ``c(0) = theta_0 dt > 0``: ``t = 0`` is a noisy time
+    (``sigma(0) = 2.2e-3`` at the defaults), ``t_min`` defaults to 0, and only ``final="zero"`` reaches
+    clean data. MRS's runs end at this ``t = 0`` (``MRSampler(reference=True)``).
+
     ``discrete=False``: continuous time ``t in [t_min, 1]``; ``theta="constant"`` gives ``c = -log(eps) t``,
     ``"cosine"`` the continuum limit ``theta(u) ∝ 1 - abar(u)`` of the discrete cosine schedule (closed-
     form ``c``, inverted by bisection to float64 round-off).
@@ -42,7 +47,8 @@ class MRSchedule(Schedule):
     THETAS = ("cosine", "constant")
 
     def __init__(self, sigma_inf: float = 50 / 255, T: int = 100, theta: str = "cosine", eps: float = 0.005,
-                 discrete: bool = True, t_min: float | None = None, cosine_s: float = 0.008):
+                 discrete: bool = True, t_min: float | None = None, cosine_s: float = 0.008,
+                 theta_offset: bool = False):
         if not sigma_inf > 0:
             raise ValueError(f"sigma_inf must be > 0, got {sigma_inf}")
         if not 0 < eps < 1:
@@ -52,14 +58,20 @@ class MRSchedule(Schedule):
         self.sigma_inf, self.eps, self.theta_kind, self.discrete = float(sigma_inf), float(eps), theta, bool(discrete)
         self.cosine_s = float(cosine_s)
         self.c_max = -math.log(eps)  # c(t_max)
+        self.theta_offset = bool(theta_offset)
+        if self.theta_offset and not self.discrete:
+            raise ValueError("theta_offset is the discrete IR-SDE schedule's (discrete=True)")
         if self.discrete:
             T = check_steps(T)
             thetas = irsde_cosine_thetas(T, cosine_s) if theta == "cosine" else torch.ones(T + 1, dtype=_F64)
-            cumsum = torch.cumsum(thetas, 0) - thetas[0]  # IR-SDE: thetas_cumsum[0] = 0
+            cumsum = torch.cumsum(thetas, 0)
+            if not self.theta_offset:
+                cumsum = cumsum - thetas[0]  # daclip-uir's IR-SDE: thetas_cumsum[0] = 0
             self.T = T
             self.dt = self.c_max / cumsum[-1].item()  # IR-SDE's dt = -log(eps) / thetas_cumsum[-1]
             self._knots = cumsum * self.dt  # c at t = 0, 1, ..., T
-            self.t_min, self.t_max = float(1 if t_min is None else t_min), float(T)
+            default_min = 0 if self.theta_offset else 1
+            self.t_min, self.t_max = float(default_min if t_min is None else t_min), float(T)
         else:
             self.T = None
             self.t_min, self.t_max = float(1e-3 if t_min is None else t_min), 1.0
@@ -67,8 +79,10 @@ class MRSchedule(Schedule):
                 self._a = math.pi / (2 * (1 + cosine_s))
                 self._b = self._a * cosine_s
                 self._g1 = self._cosine_integral(torch.ones((), dtype=_F64)).item()
-        if not 0 < self.t_min < self.t_max:
-            raise ValueError(f"need 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        low_ok = self.t_min >= 0 if self.theta_offset else self.t_min > 0
+        if not (low_ok and self.t_min < self.t_max):
+            raise ValueError(f"need 0 < t_min < t_max (0 <= t_min with theta_offset), got t_min={self.t_min}, "
+                             f"t_max={self.t_max}")
 
     # -- c(t) = int_0^t theta and its inverse -----------------------------------------------------
 
@@ -152,15 +166,17 @@ class MRSchedule(Schedule):
     def __repr__(self) -> str:
         kind = f"T={self.T}" if self.discrete else "continuous"
         return (f"MRSchedule(sigma_inf={self.sigma_inf:.4g}, {kind}, theta={self.theta_kind!r}, eps={self.eps:g}, "
-                f"t_min={self.t_min:.4g}, t_max={self.t_max:.4g})")
+                f"t_min={self.t_min:.4g}, t_max={self.t_max:.4g}{', theta_offset=True' if self.theta_offset else ''})")
 
 
 class MRLinspace(Timesteps):
     """MRS's ``time_schedule="linspace"``: ``n + 1`` points uniform in ``t`` from ``t_max`` to 0, the last
-    (clean data) never evaluated. Needs ``final="zero"``."""
+    never evaluated: clean data (``final="zero"``), or MRS's own noisy ``t = 0`` (``final="t_min"`` on a
+    schedule with ``t_min = 0``, i.e. ``theta_offset=True``)."""
 
     def times(self, schedule: Schedule, n_steps: int, final: str = "zero") -> Tensor:
         n = check_steps(n_steps)
-        if final != "zero":
-            raise ValueError("MRLinspace ends at clean data; use final='zero'")
+        if final != "zero" and not (final == "t_min" and schedule.t_min == 0):
+            raise ValueError("MRLinspace ends at t = 0: clean data (final='zero'), or the noisy t = 0 of an "
+                             "MRSchedule(theta_offset=True) (final='t_min')")
         return torch.linspace(schedule.t_max, 0.0, n + 1, dtype=_F64)[:-1]

@@ -34,6 +34,7 @@ class MRScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     parameterization, solver_order, solver_type, lower_order_final)``, the same generator ``MRSampler``
     drives, so both give the same samples. ``timestep_spacing``: ``"linspace"`` (MRS) or a fewstep
     spacing name (``"log_snr"``, ``"time_uniform"``, ``"karras"``, ``"time_quadratic"``).
+    ``reference=True`` runs as the MRS code does (``MRSampler(reference=True)``; docs/faithfulness.md).
     """
 
     order = 1
@@ -42,9 +43,15 @@ class MRScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def __init__(self, num_train_timesteps: int = 100, max_sigma: float = 50 / 255, eps: float = 0.005,
                  theta_schedule: str = "cosine", prediction_type: str = "noise", method: str = "ode",
                  parameterization: str = "data", solver_order: int = 2, solver_type: str = "heun",
-                 lower_order_final: bool = False, timestep_spacing: str = "linspace", t_min: float | None = None):
-        self.noise_schedule = MRSchedule(max_sigma, num_train_timesteps, theta_schedule, eps, t_min=t_min)
-        self.solver = make_mr_solver(method, parameterization, solver_order, solver_type, lower_order_final)
+                 lower_order_final: bool = False, timestep_spacing: str = "linspace", t_min: float | None = None,
+                 reference: bool = False):
+        # reference=True: the MRS code's runs, as MRSampler(reference=True) (theta_0 kept in the schedule,
+        # the last step full order to its noisy t = 0, MRS's order rule)
+        self.noise_schedule = MRSchedule(max_sigma, num_train_timesteps, theta_schedule, eps, t_min=t_min,
+                                         theta_offset=reference)
+        self.solver = make_mr_solver(method, parameterization, solver_order, solver_type, lower_order_final,
+                                     order_rule="mrs" if reference else "diffusers")
+        self._final = "t_min" if reference else "zero"
         if prediction_type not in MR_PREDICTION_TYPES:
             raise ValueError(f"unsupported MR parameterisation {prediction_type!r}; expected one of "
                              f"{sorted(MR_PREDICTION_TYPES)}")
@@ -71,7 +78,7 @@ class MRScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         if mu is not None:
             self.set_mu(mu)
         self.num_inference_steps = check_steps(num_inference_steps)
-        self.grid = self._spacing.grid(self.noise_schedule, self.num_inference_steps, final="zero")
+        self.grid = self._spacing.grid(self.noise_schedule, self.num_inference_steps, final=self._final)
         self._plan = self.solver.plan(self.grid)
         self._start(self.grid)
         self.timesteps = _as_timestep_tensor(self._plan, device)

@@ -32,20 +32,25 @@ class MREulerMaruyama(Solver):
         yield x_next, None
 
 
-#: ``(method, parameterisation) -> solver factory(order, solver_type, lower_order_final)``.
+#: ``(method, parameterisation) -> solver factory(order, solver_type, lower_order_final, **options)``.
 MR_METHODS: dict[tuple[str, str], Callable[..., Solver]] = {
-    ("ode", "data"): lambda order, solver_type, lof: DPMSolverPP(order, solver_type, lof),
-    ("ode", "noise"): lambda order, solver_type, lof: DPMSolver(order, solver_type, lof),
-    ("sde", "data"): lambda order, solver_type, lof: SDEDPMSolverPP(order, solver_type, lof),
-    ("sde", "noise"): lambda order, solver_type, lof: SDEDPMSolver(order, solver_type, lof),
+    ("ode", "data"): lambda order, solver_type, lof, **kw: DPMSolverPP(order, solver_type, lof, **kw),
+    ("ode", "noise"): lambda order, solver_type, lof, **kw: DPMSolver(order, solver_type, lof, **kw),
+    ("sde", "data"): lambda order, solver_type, lof, **kw: SDEDPMSolverPP(order, solver_type, lof, **kw),
+    ("sde", "noise"): lambda order, solver_type, lof, **kw: SDEDPMSolver(order, solver_type, lof, **kw),
 }
 
 
 def make_mr_solver(method: str = "ode", parameterization: str = "data", order: int = 2,
-                   solver_type: str = "heun", lower_order_final: bool = False) -> Solver:
+                   solver_type: str = "heun", lower_order_final: bool = False, order_rule: str = "diffusers",
+                   third_order: str = "reference") -> Solver:
     """The MRS solver by name: ``method`` ``"ode"`` / ``"sde"`` with ``parameterization`` ``"data"`` /
     ``"noise"``, or the baselines ``"euler_maruyama"`` (IR-SDE's reverse SDE) and ``"posterior"`` (IR-SDE's
-    posterior sampling = DDPM's ancestral step on the MR Gaussian path)."""
+    posterior sampling = DDPM's ancestral step on the MR Gaussian path).
+
+    ``order_rule="mrs"``: MRS's order per step (full order on the last step; ``_multistep_order``);
+    ``third_order`` (ODE, order 3): ``"reference"`` (MRS's ODE-3 update, whose half-weight second
+    difference makes it second order; the default, as for ``dpmpp_3m``) or ``"taylor"`` (third order)."""
     if method == "euler_maruyama":
         return MREulerMaruyama()
     if method == "posterior":
@@ -54,4 +59,9 @@ def make_mr_solver(method: str = "ode", parameterization: str = "data", order: i
         raise ValueError(f"unknown MR method {method!r}; expected 'ode', 'sde', 'euler_maruyama' or 'posterior'")
     if parameterization not in ("data", "noise"):
         raise ValueError(f"unsupported MRS parameterization {parameterization!r}; expected 'data' or 'noise'")
-    return MR_METHODS[method, parameterization](order, solver_type, lower_order_final)
+    options = {"order_rule": order_rule}
+    if method == "ode":
+        options["third_order"] = third_order
+    elif third_order != "reference":
+        raise ValueError("third_order applies to the ODE solvers (the SDE solvers are of order 1 or 2)")
+    return MR_METHODS[method, parameterization](order, solver_type, lower_order_final, **options)
