@@ -60,7 +60,10 @@ def teacher_model(pipeline: str | None = None, time_shift: dict | None = None):
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on every sweep
-    pipe = DDPMPipeline.from_pretrained(str(pipeline or FMNIST))
+    folder = Path(pipeline or FMNIST)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = DDPMPipeline.from_pretrained(str(folder))
     denoiser = ModelDenoiser.from_diffusers(pipe.unet.eval().requires_grad_(False), pipe.scheduler.config)
     if time_shift:
         from fewstep.samplers.timeshift import TimeShiftDenoiser
