@@ -135,6 +135,7 @@ class DemoReport:
     out: Path
     grids: dict = field(default_factory=dict)
     seconds: float = 0.0
+    load: float | None = None  # the machine's 1-minute load average when the demo started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +233,7 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = check_out(out)
     parsed = [parse_method(m) for m in methods]
     labels = list(dict.fromkeys(label for label, _, _ in parsed))
@@ -287,7 +289,7 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
                f"image shape {tuple(shape)}, {timesteps or 'each sampler default (trailing)'} timesteps")
     report = DemoReport(cells + student_cells, labels, sorted(set(nfe)), n_samples, seed, protocol, floor,
                         floor_source, setting, out, {**grids, **student_grids})
-    report.seconds = time.perf_counter() - t_start
+    report.seconds, report.load = time.perf_counter() - t_start, load
     write_report(report)
     return report
 
@@ -387,8 +389,10 @@ def write_report(report: DemoReport) -> Path:
         "![FD vs NFE](fd_vs_nfe.png) ![FD vs cost](fd_vs_cost.png)", "",
         "## Cost: wall-clock seconds of sampling per 1000 images", "",
         cost_table(report),
-        f"Measured on this machine ({_machine()}), sampling only (feature extraction excluded); on a shared "
-        "machine these vary by tens of percent between runs, the FD table does not.", "",
+        f"Measured on this machine ({_machine()}{_load_text(report.load)}), sampling only (feature extraction "
+        "excluded); a busy machine inflates them, the FD table does not change.", "",
+        "## Reading the numbers", "",
+        *NOTES, "",
         "## Samples (the first 8 seeds of every cell)", "",
         *[f"![{name}](grids/{name})" for name in grid_files], "",
         "## Protocol", "",
@@ -401,6 +405,27 @@ def write_report(report: DemoReport) -> Path:
         f"- wall time of this demo: {report.seconds:.0f} s (cells already in the folder are not recomputed)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(text).encode())
     return out / "report.md"
+
+
+#: What a reader needs to interpret the table (fixed text: true of the committed teacher at these NFE).
+NOTES = [
+    "- Every method at NFE 2 is close to DDIM at 2 steps: a multistep method's first step is a DDIM step, and "
+    "at 2 calls there is at most one correction.",
+    "- `plms`, `hb` (heavy ball on PLMS4) and `ghvb` (order 4, beta 0.8) extrapolate the noise prediction with "
+    "Adams-Bashforth weights. On the trailing grid their last step jumps from t ~ 300 straight to clean data, "
+    "where the prediction changes fastest, and at NFE <= 6 the extrapolation overshoots (samples leave "
+    "[-1, 1] by up to ~15x: FD in the hundreds, noise in the grids). They recover by NFE 8-16. Lower orders "
+    "(`ghvb` with `momentum=1.8`) or diffusers' default `leading` spacing (`--timesteps leading`) keep them "
+    "bounded; the 2nd-order data-prediction solvers (`dpmpp_2m`, `unipc`) do not have this problem.",
+    "- `time_shift` (model-time Time-Shift on DDIM) does not beat DDIM on this teacher: its exposure bias is "
+    "small (README: the same at NFE 10 / 20).",
+    "- Students are single points: a PD student with k steps spends exactly k calls on its own network; its "
+    "cost to make is beside it.",
+]
+
+
+def _load_text(load: float | None) -> str:
+    return "" if load is None else f", load average {load:.1f} at the start"
 
 
 def _plt():
