@@ -95,6 +95,7 @@ class SweepRun:
     note: str = ""
     #: wall time inside the sampler alone (``SamplerSource.seconds``; None in results written before it)
     sample_seconds: float | None = None
+    sample_cpu_seconds: float | None = None  # process CPU time inside the sampler (``SamplerSource.cpu_seconds``)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def _run_from_doc(r: dict) -> SweepRun:
         score_ = Score(r["fd"], Protocol.from_dict(r["protocol"]), r["n_reference"], r.get("kid_mean"),
                        r.get("kid_std"), r.get("precision"), r.get("recall"), extra=extra)
     return SweepRun(r["sampler"], r["nfe"], r["repeat"], r.get("steps"), score_, r.get("seconds", 0.0),
-                    r.get("note", ""), r.get("sample_seconds"))
+                    r.get("note", ""), r.get("sample_seconds"), r.get("sample_cpu_seconds"))
 
 
 def previous_runs(out: Path, cfg: SweepConfig, protocol: Protocol) -> list[SweepRun]:
@@ -275,7 +276,8 @@ def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print,
                                decode=_clamp if cfg.clamp else None)
         gen = compute_stats(source, fx, keep_features=need_features)
         s = score(gen, ref, cfg.kid_subset_size, prc_k=cfg.prc_k)
-        runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0, sample_seconds=source.seconds))
+        runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0,
+                             sample_seconds=source.seconds, sample_cpu_seconds=source.cpu_seconds))
         log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {format_fd(s.fd, 4)}"
             + (f", KID {s.kid_mean:.5f}" if s.kid_mean is not None else "")
             + f" ({runs[-1].seconds:.1f} s)")
@@ -348,7 +350,8 @@ def write_outputs(cfg: SweepConfig, runs: Sequence[SweepRun], grids: dict, out: 
     agg = aggregate(runs)
     doc = {"config": _config_doc(cfg), "protocol": protocol.to_dict() if protocol else None,
            "runs": [{"sampler": r.sampler, "nfe": r.nfe, "repeat": r.repeat, "steps": r.steps, "seconds": r.seconds,
-                     "sample_seconds": r.sample_seconds, "note": r.note, **_score_doc(r.score)} for r in runs],
+                     "sample_seconds": r.sample_seconds,
+                     "sample_cpu_seconds": r.sample_cpu_seconds, "note": r.note, **_score_doc(r.score)} for r in runs],
            "aggregate": agg}
     atomic_write_bytes(out / "results.json", json.dumps(doc, indent=2).encode())
     atomic_write_bytes(out / "results.csv", _csv_text(runs).encode())

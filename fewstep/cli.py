@@ -90,7 +90,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small settings for a first look or CI: 100 images per cell at NFE 2 and 4 (flags win)")
     p.add_argument("--nfe", nargs="+", type=_int_at_least(1, "NFE"), metavar="N",
-                   help="numbers of model calls, one table column each (default: 2 4 8 16; --testbed: 5 10 20)")
+                   help="numbers of model calls, one table column each (default: 2 4 8 12; --testbed: 5 10 20)")
     p.add_argument("--samplers", nargs="+", metavar="NAME",
                    help="methods: registry names (`fewstep samplers`), time_shift (DDIM with Time-Shift) or "
                         "time_shift:NAME (default: ddim dpmpp_2m plms unipc hb ghvb time_shift)")
@@ -114,6 +114,9 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature extractor (default: fmnist-classifier for 1x28x28 images, else inception-v3-compat)")
     p.add_argument("--weights", metavar="FILE", help="local extractor weights (Inception: see `fewstep fid --help`)")
     p.add_argument("--batch-size", type=_int_at_least(1, "batch-size"), help="images per batch (default: 250)")
+    p.add_argument("--cost", choices=("wall", "cpu"),
+                   help="the frontier plot's x axis: wall-clock (default) or CPU seconds of sampling (on a busy "
+                        "shared machine, CPU time at one thread is what an idle core would take)")
     p.add_argument("--testbed", action="store_true",
                    help="instead: the exact Gaussian-mixture testbed tables (RMSE to the exact ODE, sliced W2)")
     p.add_argument("--dim", type=_int_at_least(1, "dim"), help="--testbed: data dimension (default: 2)")

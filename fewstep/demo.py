@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_METHODS", "DEFAULT_NFE", "QUICK", "Cell", "DemoReport", "tea
 
 #: The methods compared by default: baselines, then ours (HB, GHVB, Time-Shift).
 DEFAULT_METHODS: tuple[str, ...] = ("ddim", "dpmpp_2m", "plms", "unipc", "hb", "ghvb", "time_shift")
-DEFAULT_NFE: tuple[int, ...] = (2, 4, 8, 16)
+DEFAULT_NFE: tuple[int, ...] = (2, 4, 8, 12)
 DEFAULT_N = 1000
 #: ``--quick``: what CI runs (seconds on 2 cores). Flags given explicitly win.
 QUICK = {"n_samples": 100, "nfe": (2, 4)}
@@ -115,10 +115,18 @@ class Cell:
     n: int
     student: dict | None = None
     note: str = ""
+    cpu_seconds: float | None = None  # process CPU time of the same
 
     @property
     def seconds_per_1000(self) -> float | None:
         return None if self.sample_seconds is None or not self.n else 1000.0 * self.sample_seconds / self.n
+
+    @property
+    def cpu_seconds_per_1000(self) -> float | None:
+        return None if self.cpu_seconds is None or not self.n else 1000.0 * self.cpu_seconds / self.n
+
+    def cost(self, kind: str) -> float | None:
+        return self.cpu_seconds_per_1000 if kind == "cpu" else self.seconds_per_1000
 
 
 @dataclass
@@ -136,6 +144,7 @@ class DemoReport:
     grids: dict = field(default_factory=dict)
     seconds: float = 0.0
     load: float | None = None  # the machine's 1-minute load average when the demo started
+    cost: str = "wall"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +215,13 @@ def score_students(folders: Sequence[Path], shape, fx, reference, n: int, seed: 
             source = SamplerSource(sampler, range(seed, seed + n), shape, batch_size, name=label,
                                    decode=lambda x: x.clamp(-1, 1))  # as the sweep's cells (clamp=True)
             fd = float(score(compute_stats(source, fx), reference).fd)
-            entry = {"label": label, "nfe": sampler.nfe, "fd": fd, "sample_seconds": source.seconds, "record": record}
+            entry = {"label": label, "nfe": sampler.nfe, "fd": fd, "sample_seconds": source.seconds,
+                     "sample_cpu_seconds": source.cpu_seconds, "record": record}
             done[key] = entry
             atomic_write_bytes(cache, json.dumps({"setting": setting, "students": done}, indent=1).encode())
             log(f"  {label:>16} NFE {sampler.nfe:>3}: FD {fd:.2f} ({source.seconds:.1f} s sampling)")
-        cells.append(Cell(label, entry["nfe"], entry["fd"], entry["sample_seconds"], n, record))
+        cells.append(Cell(label, entry["nfe"], entry["fd"], entry["sample_seconds"], n, record,
+                          cpu_seconds=entry.get("sample_cpu_seconds")))
     return cells, grids
 
 
@@ -222,11 +233,15 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
                nfe: Sequence[int] = DEFAULT_NFE, n_samples: int = DEFAULT_N, seed: int = 0,
                pipeline: str | None = None, students: str | None | bool = None, reference: str | None = None,
                extractor: str | None = None, weights: str | None = None, timesteps: str | None = None,
-               batch_size: int = 250, log=None) -> DemoReport:
+               batch_size: int = 250, cost: str = "wall", log=None) -> DemoReport:
     """Sweep ``methods`` x ``nfe`` on the pipeline, score the students, write the report into ``out``.
 
     ``students``: a folder to discover students in (default: the committed ones for the committed teacher,
-    none for a user's ``pipeline``); ``False`` for none."""
+    none for a user's ``pipeline``); ``False`` for none. ``cost``: the frontier's x axis, ``"wall"`` (wall-clock
+    seconds of sampling) or ``"cpu"`` (process CPU seconds: the same on an idle machine at one thread, and
+    not inflated on a shared, busy one)."""
+    if cost not in ("wall", "cpu"):
+        raise ValueError(f"cost must be 'wall' or 'cpu', got {cost!r}")
     from fewstep.eval.features import FeatureExtractor
     from fewstep.eval.sweep import SweepConfig, check_out, load_stats, run_sweep
     from fewstep.teachers import FMNIST_FD_REFERENCE, FMNIST_STUDENTS
@@ -268,7 +283,7 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
             if run.sampler not in label_of or run.nfe not in nfe:
                 continue  # a cell an earlier demo into this folder computed and this one does not ask for
             cells.append(Cell(label_of[run.sampler], run.nfe, run.score.fd if run.score else None,
-                              run.sample_seconds, n_samples, note=run.note))
+                              run.sample_seconds, n_samples, note=run.note, cpu_seconds=run.sample_cpu_seconds))
         grids.update({(label_of[k[0]], k[1]): v for k, v in sweep_grids.items() if k[0] in label_of})
     ref_stats = load_stats(reference, fx, SweepConfig(reference=reference, n_reference=0, batch_size=batch_size))
     if students is None:
@@ -289,7 +304,7 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
                f"image shape {tuple(shape)}, {timesteps or 'each sampler default (trailing)'} timesteps")
     report = DemoReport(cells + student_cells, labels, sorted(set(nfe)), n_samples, seed, protocol, floor,
                         floor_source, setting, out, {**grids, **student_grids})
-    report.seconds, report.load = time.perf_counter() - t_start, load
+    report.seconds, report.load, report.cost = time.perf_counter() - t_start, load, cost
     write_report(report)
     return report
 
@@ -339,16 +354,23 @@ def fd_table(report: DemoReport) -> str:
 
 
 def cost_table(report: DemoReport) -> str:
+    """Seconds of sampling per 1000 images, wall clock (CPU time in brackets)."""
     cell = {(c.label, c.nfe): c for c in report.cells if c.student is None}
+
+    def both(c: Cell) -> str:
+        if c.fd is None:
+            return "-"
+        return f"{_fmt(c.seconds_per_1000, 1)} ({_fmt(c.cpu_seconds_per_1000, 1)})"
+
     lines = ["| method | " + " | ".join(f"NFE {k}" for k in report.nfes) + " |",
              "|---|" + "---:|" * len(report.nfes)]
     for label in report.methods:
-        lines.append(f"| {label} | " + " | ".join(
-            _fmt(cell[(label, k)].seconds_per_1000, 1) if (label, k) in cell else "-" for k in report.nfes) + " |")
+        lines.append(f"| {label} | " + " | ".join(both(cell[(label, k)]) if (label, k) in cell else "-"
+                                                  for k in report.nfes) + " |")
     students = [c for c in report.cells if c.student is not None]
     if students:
-        lines += ["", "| student | NFE | seconds per 1000 images |", "|---|---:|---:|"]
-        lines += [f"| {c.label} | {c.nfe} | {_fmt(c.seconds_per_1000, 1)} |" for c in students]
+        lines += ["", "| student | NFE | seconds per 1000 images (CPU) |", "|---|---:|---:|"]
+        lines += [f"| {c.label} | {c.nfe} | {both(c)} |" for c in students]
     return "\n".join(lines) + "\n"
 
 
@@ -371,6 +393,7 @@ def write_report(report: DemoReport) -> Path:
     doc = {"setting": report.setting, "n": report.n, "seed": report.seed, "protocol": report.protocol,
            "floor": report.floor, "floor_source": report.floor_source, "seconds": report.seconds,
            "cells": [{"label": c.label, "nfe": c.nfe, "fd": c.fd, "sample_seconds": c.sample_seconds,
+                      "sample_cpu_seconds": c.cpu_seconds,
                       "seconds_per_1000_images": c.seconds_per_1000, "student": c.student, "note": c.note}
                      for c in report.cells]}
     atomic_write_bytes(out / "results.json", json.dumps(doc, indent=1).encode())
@@ -387,10 +410,11 @@ def write_report(report: DemoReport) -> Path:
         f"{TIME_SHIFT['window']:g}, cutoff {TIME_SHIFT['cutoff']:g}). A student's cost is its distillation run "
         "(the chain of rounds up to it for progressive distillation), from its `fewstep_student.json`.", "",
         "![FD vs NFE](fd_vs_nfe.png) ![FD vs cost](fd_vs_cost.png)", "",
-        "## Cost: wall-clock seconds of sampling per 1000 images", "",
+        "## Cost: seconds of sampling per 1000 images, wall clock (process CPU time)", "",
         cost_table(report),
         f"Measured on this machine ({_machine()}{_load_text(report.load)}), sampling only (feature extraction "
-        "excluded); a busy machine inflates them, the FD table does not change.", "",
+        "excluded); a busy machine inflates the wall clock, not the CPU time nor the FD table. The frontier plot's x "
+        f"axis: {'CPU time' if report.cost == 'cpu' else 'wall clock'} (`--cost cpu` / `--cost wall`).", "",
         "## Reading the numbers", "",
         *NOTES, "",
         "## Samples (the first 8 seeds of every cell)", "",
@@ -480,22 +504,24 @@ def plot_fd_vs_cost(report: DemoReport, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     for label in report.methods:
-        pts = sorted((c.seconds_per_1000, c.fd) for c in report.cells
-                     if c.label == label and c.student is None and c.fd and c.seconds_per_1000)
+        pts = sorted((c.cost(report.cost), c.fd) for c in report.cells
+                     if c.label == label and c.student is None and c.fd and c.cost(report.cost))
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=4, label=label)
-    students = [c for c in report.cells if c.student is not None and c.fd and c.seconds_per_1000]
+    students = [c for c in report.cells if c.student is not None and c.fd and c.cost(report.cost)]
     if students:
-        ax.scatter([c.seconds_per_1000 for c in students], [c.fd for c in students], marker="*", s=120, c="k",
+        ax.scatter([c.cost(report.cost) for c in students], [c.fd for c in students], marker="*", s=120, c="k",
                    zorder=5, label="students (distillation cost)")
         for c in students:
             training = (c.student or {}).get("training") or {}
             cost = f" ({training['wall_seconds'] / 60:.0f} min)" if "wall_seconds" in training else ""
-            ax.annotate(_short(c) + cost, (c.seconds_per_1000, c.fd), textcoords="offset points", xytext=(5, 4),
+            ax.annotate(_short(c) + cost, (c.cost(report.cost), c.fd), textcoords="offset points", xytext=(5, 4),
                         fontsize=7)
     ax.set_xscale("log")
     ax.set_title("Quality vs sampling cost (lower left is better)", fontsize=9)
-    _finish(fig, ax, report, path, "wall-clock seconds per 1000 images (sampling, this machine)")
+    what = ("CPU seconds (1 thread = wall clock on an idle core)" if report.cost == "cpu"
+            else "wall-clock seconds")
+    _finish(fig, ax, report, path, f"{what} of sampling per 1000 images, this machine")
 
 
 def write_grids(report: DemoReport, folder: Path) -> list[str]:
@@ -522,7 +548,7 @@ def write_grids(report: DemoReport, folder: Path) -> list[str]:
 
 _TESTBED_ONLY = ("dim", "components")
 _REPORT_ONLY = ("quick", "pipeline", "students", "no_students", "reference", "extractor", "weights", "out",
-                "batch_size")
+                "batch_size", "cost")
 
 
 def _flags(names) -> str:

@@ -136,3 +136,11 @@ def test_the_cli_prints_the_table_and_where_the_report_is(tmp_path, capsys):
                      "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "| ddim |" in out and f"report: {(tmp_path / 'r' / 'report.md').resolve()}" in out
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_long.yaml", "demo_testbed.yaml"])
+def test_the_committed_demo_configs_parse_and_check(name):
+    parser, subparsers = cli.build_parser()
+    opts = cli._load_config(str(Path(__file__).resolve().parents[1] / "configs" / name), subparsers["demo"])
+    cli._check_demo(opts)
+    assert opts["nfe"] and opts["samplers"]
