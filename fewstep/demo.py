@@ -433,19 +433,18 @@ def write_report(report: DemoReport) -> Path:
 
 #: What a reader needs to interpret the table (fixed text: true of the committed teacher at these NFE).
 NOTES = [
-    "- Every method at NFE 2 is close to DDIM at 2 steps: a multistep method's first step is a DDIM step, and "
-    "at 2 calls there is at most one correction.",
+    "- At NFE 2 `ddim`, `dpmpp_2m` and `unipc` coincide: a multistep method's first step is a DDIM step and its "
+    "last one is first order at few steps (`lower_order_final`), so both of its steps are DDIM's.",
     "- `plms`, `hb` (heavy ball on PLMS4) and `ghvb` (order 4, beta 0.8) extrapolate the noise prediction with "
     "Adams-Bashforth weights. On the trailing grid their last step jumps from t ~ 300 straight to clean data, "
     "where the prediction changes fastest, and at NFE <= 6 the extrapolation overshoots (samples leave "
-    "[-1, 1] by up to ~15x: FD in the hundreds, noise in the grids). They recover by NFE 8-16. Lower orders "
+    "[-1, 1] by up to ~15x: FD in the hundreds, noise in the grids); they recover by NFE 8-12. Lower orders "
     "(`ghvb` with `momentum=1.8`) or diffusers' default `leading` spacing (`--timesteps leading`) keep them "
-    "bounded; the 2nd-order data-prediction solvers (`dpmpp_2m`, `unipc`) do not have this problem.",
+    "bounded; the second-order data-prediction solvers (`dpmpp_2m`, `unipc`) do not have this problem.",
     "- `time_shift` (model-time Time-Shift on DDIM) does not beat DDIM on this teacher: its exposure bias is "
     "small (README: the same at NFE 10 / 20).",
-    "- Students are single points: a PD student with k steps spends exactly k calls on its own network; its "
-    "cost to make is beside it.",
-]
+    "- Students are single points: a student with k steps spends exactly k calls of its own network; its "
+    "one-off cost to make is beside it (the chain of rounds up to it, for progressive distillation)."]
 
 
 def _load_text(load: float | None) -> str:
