@@ -516,11 +516,15 @@ def plot_fd_vs_cost(report: DemoReport, path: Path) -> None:
             cost = f" ({training['wall_seconds'] / 60:.0f} min)" if "wall_seconds" in training else ""
             ax.annotate(_short(c) + cost, (c.cost(report.cost), c.fd), textcoords="offset points", xytext=(5, 4),
                         fontsize=7)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_title("Quality vs sampling cost (lower left is better)", fontsize=9)
-    what = ("CPU seconds (1 thread = wall clock on an idle core)" if report.cost == "cpu"
-            else "wall-clock seconds")
-    _finish(fig, ax, report, path, f"{what} of sampling per 1000 images, this machine")
+    what = "CPU seconds (1 thread)" if report.cost == "cpu" else "wall-clock seconds"
+    _finish(fig, ax, report, path, f"{what} of sampling per 1000 images")
 
 
 def write_grids(report: DemoReport, folder: Path) -> list[str]:
