@@ -50,8 +50,10 @@ def test_report_folder_has_table_plots_grids_and_protocol(report):
     text = (out / "report.md").read_text()
     assert "fmnist-classifier" in text and "N = 24" in text and "floor" in text
     assert "| ddim |" in text and "| progressive-1 | progressive | 1 |" in text
+    assert "wall clock (process CPU time)" in text and "Reading the numbers" in text
     doc = json.loads((out / "results.json").read_text())
     assert {c["label"] for c in doc["cells"]} >= {"ddim", "time_shift", "progressive-2"}
+    assert all(c["sample_cpu_seconds"] > 0 and c["sample_seconds"] > 0 for c in doc["cells"])
 
 
 def test_students_are_discovered_by_their_json_with_their_cost(report, students):
