@@ -76,7 +76,10 @@ if __name__ == "__main__":
     for path in NOTEBOOKS:
         if names and path.stem not in names:
             continue
-        work = path.parent.parent / "outputs" / "notebooks"
-        work.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        root = path.parent.parent / "outputs" / "notebooks"
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=path.stem + "-", dir=root))  # fresh: no checkpoint to resume
         nbformat.write(execute(path, work, small=False, timeout=3600), path)
         print(f"executed {path}")
