@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -240,7 +241,9 @@ class SamplerSource(ImageSource):
     (as ``Sampler.prior_sample``). ``decode`` maps samples to images (e.g. a VAE, or a reshape of
     testbed vectors); outputs are expected in ``[-1, 1]``. Anything with ``.sample(x_T, noise=...)``
     works, a student included. The identity names the sampler and seeds, not the network's weights, so
-    ``reference_stats`` never caches a sampler's statistics.
+    ``reference_stats`` never caches a sampler's statistics. ``seconds`` accumulates the wall time spent
+    in ``sampler.sample`` (and ``decode``), so a cost can be reported without the feature extraction, and
+    ``cpu_seconds`` the process CPU time spent there (what a busy, shared machine does not inflate).
     """
 
     content_addressed = False
@@ -253,6 +256,7 @@ class SamplerSource(ImageSource):
         self.batch_size, self.decode, self.device = int(batch_size), decode, device
         self.name = name or repr(sampler)
         self._subset: range | None = None  # this rank's seeds, when sharded
+        self.seconds = self.cpu_seconds = 0.0
 
     @property
     def seeds(self) -> tuple[int, int]:
@@ -269,9 +273,13 @@ class SamplerSource(ImageSource):
             scale = float(self.sampler.grid.sigma[0])
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
+            start, cpu = time.perf_counter(), time.process_time()
             x_T = seeded_noise(chunk, self.shape, self.device) * scale
             x0 = self.sampler.sample(x_T, noise=_PerSeedNoise(chunk))
-            yield self.decode(x0) if self.decode is not None else x0
+            x0 = self.decode(x0) if self.decode is not None else x0
+            self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu
+            yield x0
 
     @property
     def identity(self) -> str:

@@ -72,6 +72,9 @@ class SweepConfig:
     cache_dir: str | None = None
     device: str = "cpu"
     grid_images: int = 8
+    #: clamp samples to [-1, 1] before scoring, as diffusers' pipelines do before they return images
+    #: (a network's raw output at very few steps can lie far outside; the harness refuses such floats)
+    clamp: bool = False
 
     @classmethod
     def from_options(cls, **opts) -> "SweepConfig":
@@ -90,6 +93,9 @@ class SweepRun:
     score: Score | None
     seconds: float
     note: str = ""
+    #: wall time inside the sampler alone (``SamplerSource.seconds``; None in results written before it)
+    sample_seconds: float | None = None
+    sample_cpu_seconds: float | None = None  # process CPU time inside the sampler (``SamplerSource.cpu_seconds``)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def load_stats(spec, fx: FeatureExtractor, cfg: SweepConfig, mixture=None, shape
 
 #: Settings a sweep's numbers depend on: a folder computed under other values is refused, not resumed.
 RESUME_KEYS = ("model", "reference", "n", "seed", "n_reference", "extractor", "layer", "weights", "timesteps",
-               "value_range", "kid_subset_size", "prc_k")
+               "value_range", "kid_subset_size", "prc_k", "clamp")
 
 
 def check_out(out: str | Path) -> Path:
@@ -198,7 +204,7 @@ def _run_from_doc(r: dict) -> SweepRun:
         score_ = Score(r["fd"], Protocol.from_dict(r["protocol"]), r["n_reference"], r.get("kid_mean"),
                        r.get("kid_std"), r.get("precision"), r.get("recall"), extra=extra)
     return SweepRun(r["sampler"], r["nfe"], r["repeat"], r.get("steps"), score_, r.get("seconds", 0.0),
-                    r.get("note", ""))
+                    r.get("note", ""), r.get("sample_seconds"), r.get("sample_cpu_seconds"))
 
 
 def previous_runs(out: Path, cfg: SweepConfig, protocol: Protocol) -> list[SweepRun]:
@@ -213,7 +219,8 @@ def previous_runs(out: Path, cfg: SweepConfig, protocol: Protocol) -> list[Sweep
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a readable sweep result ({err}); delete it or choose another --out") from None
     new_cfg = _config_doc(cfg)
-    diff = [f"{k}: {old_cfg.get(k)!r} != {new_cfg.get(k)!r}" for k in RESUME_KEYS if old_cfg.get(k) != new_cfg.get(k)]
+    old_cfg = {k: old_cfg.get(k, getattr(SweepConfig, k, None)) for k in RESUME_KEYS}  # keys added later: defaults
+    diff = [f"{k}: {old_cfg[k]!r} != {new_cfg.get(k)!r}" for k in RESUME_KEYS if old_cfg[k] != new_cfg.get(k)]
     scored = [r for r in runs if r.score is not None]
     if scored:
         diff += scored[0].score.protocol.replace(seeds=None).differences(
@@ -265,10 +272,12 @@ def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print,
             runs.append(done.pop((name, nfe, r)))
             log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {format_fd(runs[-1].score.fd, 4)} (already computed)")
             continue
-        source = SamplerSource(sampler, seeds, shape, cfg.batch_size, device=cfg.device, name=f"{name}-nfe{nfe}")
+        source = SamplerSource(sampler, seeds, shape, cfg.batch_size, device=cfg.device, name=f"{name}-nfe{nfe}",
+                               decode=_clamp if cfg.clamp else None)
         gen = compute_stats(source, fx, keep_features=need_features)
         s = score(gen, ref, cfg.kid_subset_size, prc_k=cfg.prc_k)
-        runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0))
+        runs.append(SweepRun(name, nfe, r, sampler.steps, s, time.perf_counter() - t0,
+                             sample_seconds=source.seconds, sample_cpu_seconds=source.cpu_seconds))
         log(f"  {name:>12} NFE {nfe:>3} repeat {r}: FD {format_fd(s.fd, 4)}"
             + (f", KID {s.kid_mean:.5f}" if s.kid_mean is not None else "")
             + f" ({runs[-1].seconds:.1f} s)")
@@ -281,6 +290,10 @@ def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print,
     if out is not None:
         write_outputs(cfg, runs, grids, out)
     return runs, grids
+
+
+def _clamp(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1, 1)
 
 
 def aggregate(runs: Sequence[SweepRun]) -> list[dict]:
@@ -337,7 +350,8 @@ def write_outputs(cfg: SweepConfig, runs: Sequence[SweepRun], grids: dict, out: 
     agg = aggregate(runs)
     doc = {"config": _config_doc(cfg), "protocol": protocol.to_dict() if protocol else None,
            "runs": [{"sampler": r.sampler, "nfe": r.nfe, "repeat": r.repeat, "steps": r.steps, "seconds": r.seconds,
-                     "note": r.note, **_score_doc(r.score)} for r in runs],
+                     "sample_seconds": r.sample_seconds,
+                     "sample_cpu_seconds": r.sample_cpu_seconds, "note": r.note, **_score_doc(r.score)} for r in runs],
            "aggregate": agg}
     atomic_write_bytes(out / "results.json", json.dumps(doc, indent=2).encode())
     atomic_write_bytes(out / "results.csv", _csv_text(runs).encode())

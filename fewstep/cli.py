@@ -2,8 +2,9 @@
 so ``fewstep --help`` is instant.
 
     fewstep samplers                   # the sampler registry: solver, options and defaults
-    fewstep demo                       # sampler comparison on the exact Gaussian-mixture testbed
-    fewstep demo --nfe 4 8 --samplers ddim dpmpp_2m --config configs/demo.yaml
+    fewstep demo                       # samplers and students on the committed teacher: a report folder
+    fewstep demo --quick --nfe 4 8 --samplers ddim dpmpp_2m --config configs/demo.yaml
+    fewstep demo --testbed             # sampler comparison on the exact Gaussian-mixture testbed
     fewstep train-teacher --config configs/teacher_fmnist.yaml train.lr=1e-4 model.layers_per_block=2
 
 Adding a subcommand is one ``COMMANDS`` entry: the module and function that run it, a help line, and
@@ -86,18 +87,41 @@ def _check_samplers(names) -> None:
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="small settings for a first look or CI: 100 images per cell at NFE 2 and 4 (flags win)")
     p.add_argument("--nfe", nargs="+", type=_int_at_least(1, "NFE"), metavar="N",
-                   help="numbers of model calls, one table column each (default: 5 10 20)")
+                   help="numbers of model calls, one table column each (default: 2 4 8 12; --testbed: 5 10 20)")
     p.add_argument("--samplers", nargs="+", metavar="NAME",
-                   help="registry names (see `fewstep samplers`; default: all of them)")
-    p.add_argument("--seed", type=int, help="seed of the mixture, x_T, data and noise (default: 0)")
-    p.add_argument("--dim", type=_int_at_least(1, "dim"), help="data dimension (default: 2)")
-    p.add_argument("--components", type=_int_at_least(1, "components"),
-                   help="mixture components (default: 8)")
-    p.add_argument("--n-samples", type=_int_at_least(2, "n-samples"), help="samples per run (default: 2000)")
+                   help="methods: registry names (`fewstep samplers`), time_shift (DDIM with Time-Shift) or "
+                        "time_shift:NAME (default: ddim dpmpp_2m plms unipc hb ghvb time_shift)")
+    p.add_argument("--n-samples", type=_int_at_least(2, "n-samples"),
+                   help="samples per cell: images scored (default: 1000), --testbed: points (default: 2000)")
+    p.add_argument("--seed", type=int, help="first seed of the initial noise (default: 0)")
     p.add_argument("--timesteps", metavar="NAME",
                    help="timestep grid: trailing, leading, linspace, time_uniform, time_quadratic, log_snr, "
-                        "karras (default: trailing)")
+                        "karras (default: each sampler's, trailing)")
+    p.add_argument("--out", metavar="DIR", help="report folder; rerunning into it resumes (default: fewstep-demo)")
+    p.add_argument("--pipeline", metavar="DIR",
+                   help="a diffusers DDPMPipeline folder of your own (default: the committed teacher); no students")
+    p.add_argument("--students", metavar="DIR",
+                   help="folder whose subfolders with a fewstep_student.json are scored too (default: the "
+                        "committed students of the committed teacher)")
+    p.add_argument("--no-students", action="store_true", help="score no students")
+    p.add_argument("--reference", metavar="PATH",
+                   help="reference: image folder, .pt tensor or .npz statistics (default: the committed "
+                        "Fashion-MNIST test statistics, FD-fmnist)")
+    p.add_argument("--extractor", metavar="NAME",
+                   help="feature extractor (default: fmnist-classifier for 1x28x28 images, else inception-v3-compat)")
+    p.add_argument("--weights", metavar="FILE", help="local extractor weights (Inception: see `fewstep fid --help`)")
+    p.add_argument("--batch-size", type=_int_at_least(1, "batch-size"), help="images per batch (default: 250)")
+    p.add_argument("--cost", choices=("wall", "cpu"),
+                   help="the frontier plot's x axis: wall-clock (default) or CPU seconds of sampling (on a busy "
+                        "shared machine, CPU time at one thread is what an idle core would take)")
+    p.add_argument("--testbed", action="store_true",
+                   help="instead: the exact Gaussian-mixture testbed tables (RMSE to the exact ODE, sliced W2)")
+    p.add_argument("--dim", type=_int_at_least(1, "dim"), help="--testbed: data dimension (default: 2)")
+    p.add_argument("--components", type=_int_at_least(1, "components"),
+                   help="--testbed: mixture components (default: 8)")
 
 
 def _check_demo(opts: dict) -> None:
@@ -108,7 +132,14 @@ def _check_demo(opts: dict) -> None:
     if (not isinstance(nfe, (list, tuple)) or not nfe
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in nfe)):
         raise ValueError(f"NFE must be integers >= 1, got {nfe!r}")
-    _check_samplers(opts.get("samplers") or [])
+    names = opts.get("samplers") or []
+    if opts.get("testbed"):
+        _check_samplers(names)
+    else:
+        from fewstep.demo import parse_method
+
+        for name in names:
+            parse_method(name)
     if opts.get("timesteps") is not None:
         make_timesteps(opts["timesteps"])  # raises ValueError naming the known grids
 
@@ -201,8 +232,9 @@ COMMANDS: dict[str, Command] = {
     "samplers": Command("fewstep.cli", "list_samplers",
                         "list the registered samplers: solver, options with defaults, summary"),
     "demo": Command("fewstep.demo", "main",
-                    "compare samplers x NFE on the exact Gaussian-mixture testbed (CPU, seconds): "
-                    "error to the exact PF-ODE solution and sliced W2 to data",
+                    "the main job: samplers x NFE and the distilled students on the committed teacher, scored "
+                    "by FD; writes a report (tables, FD-vs-NFE and quality-vs-cost plots, sample grids); "
+                    "--testbed: exact Gaussian-mixture tables",
                     _add_demo_arguments, _check_demo, config=True),
     "fid": Command("fewstep.eval.sweep", "fid_main",
                    "FD (and KID, precision/recall) between generated images and a reference, with its protocol",

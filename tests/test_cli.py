@@ -1,4 +1,5 @@
-"""The ``fewstep`` command and its main job, ``fewstep demo`` (fewstep.demo)."""
+"""The ``fewstep`` command and ``fewstep demo --testbed`` (fewstep.testbed.demo); the report demo is
+tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fewstep import cli
-from fewstep.demo import format_tables, run_demo
+from fewstep.testbed.demo import LEFT_OUT, format_tables, run_demo
 from fewstep.samplers.registry import SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +58,11 @@ def test_samplers_lists_the_registry_with_options_and_defaults():
 @pytest.mark.parametrize("args, message", [
     (["demo", "--nfe", "0"], "NFE must be >= 1"),
     (["demo", "--nfe", "five"], "NFE must be an integer"),
-    (["demo", "--samplers", "ddim", "no_such_sampler"], "unknown sampler(s) 'no_such_sampler'"),
+    (["demo", "--samplers", "ddim", "no_such_sampler"], "unknown method 'no_such_sampler'"),
+    (["demo", "--testbed", "--samplers", "ddim", "no_such_sampler"], "unknown sampler(s) 'no_such_sampler'"),
     (["demo", "--timesteps", "no_such_grid"], "unknown timesteps"),
+    (["demo", "--testbed", "--samplers", "time_shift"], "unknown sampler(s) 'time_shift'"),
+    (["demo", "--samplers", "time_shift:nope"], "unknown method 'time_shift:nope'"),
     (["no_such_command"], "invalid choice"),
     ([], "required"),
 ])
@@ -76,7 +80,7 @@ def test_bad_input_exits_nonzero_from_the_shell():
 
 
 def test_config_file_is_read_and_flags_override_it(capsys):
-    code = cli.main(["demo", "--config", str(REPO / "configs" / "demo.yaml"), "--samplers", "ddim",
+    code = cli.main(["demo", "--config", str(REPO / "configs" / "demo_testbed.yaml"), "--samplers", "ddim",
                              "--nfe", "2", "--n-samples", "64"])
     assert code == 0
     out = capsys.readouterr().out
@@ -85,14 +89,14 @@ def test_config_file_is_read_and_flags_override_it(capsys):
 
 def test_config_with_an_unknown_key_is_rejected(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("nfe: [5]\nn_sample: 10\n")
+    path.write_text("testbed: true\nnfe: [5]\nn_sample: 10\n")
     with pytest.raises(SystemExit):
         cli.main(["demo", "--config", str(path)])
     assert "unknown option(s) ['n_sample']" in capsys.readouterr().err
 
 
 def test_demo_command_prints_both_tables():
-    out = fewstep("demo", "--nfe", "3", "6", "--samplers", "ddim", "heun", "--n-samples", "100")
+    out = fewstep("demo", "--testbed", "--nfe", "3", "6", "--samplers", "ddim", "heun", "--n-samples", "100")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("| sampler") == 2
     heun = [line for line in out.stdout.splitlines() if line.startswith("| heun")]
@@ -136,6 +140,12 @@ def test_tables_mark_skipped_and_stochastic_cells(small_demo):
     text = format_tables(small_demo)
     assert "| ddpm (sde)" in text and "n/a" in text
     assert " - |" in text
+    assert "Left out" in text and "pndm" in text and "mrs_data" in text  # named, with the reason
+
+
+def test_a_diverged_sampler_named_explicitly_is_flagged():
+    text = format_tables(run_demo(nfes=(5,), samplers=("pndm", "ddim"), n_samples=200))
+    assert "Diverged" in text and "pndm" in text.split("Diverged")[1]
 
 
 @pytest.mark.slow
@@ -143,5 +153,5 @@ def test_default_demo_runs_well_under_a_minute():
     t0 = time.perf_counter()
     result = run_demo()
     assert time.perf_counter() - t0 < 60
-    assert {row.sampler for row in result} == set(SAMPLERS)
+    assert {row.sampler for row in result} == set(SAMPLERS) - set(LEFT_OUT)
     assert result.cell("dpmpp_3m", 20).ode_rmse < result.cell("ddim", 20).ode_rmse

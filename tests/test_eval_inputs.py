@@ -207,16 +207,16 @@ def write_config(tmp_path: Path, text: str) -> str:
 ])
 def test_demo_config_values_are_checked_like_flags(tmp_path, capsys, text, message):
     with pytest.raises(SystemExit) as info:
-        cli.main(["demo", "--config", write_config(tmp_path, text)])
+        cli.main(["demo", "--config", write_config(tmp_path, "testbed: true\n" + text)])
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_one_sampler_as_a_string_and_registry_aliases_are_accepted(tmp_path, capsys):
-    config = write_config(tmp_path, "samplers: ddim\nnfe: 2\nn_samples: 20\n")
+    config = write_config(tmp_path, "testbed: true\nsamplers: ddim\nnfe: 2\nn_samples: 20\n")
     assert cli.main(["demo", "--config", config]) == 0
     assert "| ddim " in capsys.readouterr().out
-    assert cli.main(["demo", "--samplers", "euler_ancestral", "--nfe", "2", "--n-samples", "20"]) == 0
+    assert cli.main(["demo", "--testbed", "--samplers", "euler_ancestral", "--nfe", "2", "--n-samples", "20"]) == 0
     assert "| ddpm" in capsys.readouterr().out
     cfg = small_sweep(tmp_path, samplers=["dpmpp_2m_sde"], nfe=[2])
     runs, _ = run_sweep(cfg, log=lambda m: None)
