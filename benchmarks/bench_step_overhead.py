@@ -136,14 +136,23 @@ def _d(name, **kw):
     return getattr(diffusers, name)(**kw)
 
 
+#: Flow-matching pipelines (SD3 / Flux): ours is built from the diffusers scheduler's own config.
+FLOW_CASES = [
+    ("flow euler", lambda: _d("FlowMatchEulerDiscreteScheduler", shift=3.0), {"sampler": "euler"}),
+    ("flow ddim", lambda: _d("FlowMatchEulerDiscreteScheduler", shift=3.0), {"sampler": "ddim"}),
+    ("flow dpmpp_2m", lambda: _d("DPMSolverMultistepScheduler", use_flow_sigmas=True, flow_shift=3.0,
+                                 prediction_type="flow_prediction"), {"sampler": "dpmpp_2m"}),
+]
+
+
 def _step_cases():
-    """Every registry sampler (those with a diffusers counterpart first) and Time-Shift."""
+    """Every registry sampler (those with a diffusers counterpart first), Time-Shift, then the flow cases."""
     from fewstep.samplers import SAMPLERS
 
     paired = {kw["sampler"] for _, _, kw in STEP_CASES}
     rest = [(name, None, {"sampler": name}) for name in SAMPLERS if name not in paired]
     ts = ("time_shift", None, {"sampler": "time_shift", "sampler_options": {"solver": "ddim", "window": 30, "cutoff": 300}})
-    return STEP_CASES + rest + [ts]
+    return STEP_CASES + rest + [ts] + FLOW_CASES
 
 
 @torch.no_grad()
@@ -153,7 +162,8 @@ def time_steps(scheduler, x_T, outputs, steps):
     x, total = x_T, 0.0
     extra = {"generator": torch.Generator().manual_seed(1)} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for k, t in enumerate(scheduler.timesteps):
-        out = scheduler.scale_model_input(x, t) + outputs[k % len(outputs)]
+        scaled = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x  # FlowMatchEuler has none
+        out = scaled + outputs[k % len(outputs)]
         start = time.perf_counter()
         x = scheduler.step(out, t, x, **extra).prev_sample
         total += time.perf_counter() - start
@@ -173,7 +183,10 @@ def step_cost(args):
           f"fastest of {args.runs} interleaved runs, 1 thread, torch {torch.__version__}")
     print(f"{'sampler':<18} {'NFE':>4} {'diffusers':>10} {'adapter':>10} {'ratio':>7}")
     for label, make_reference, kw in _step_cases():
-        config = DDIMScheduler(clip_sample=False).config
+        if args.only and not any(name in label for name in args.only):
+            continue
+        flow = (label, make_reference, kw) in FLOW_CASES
+        config = make_reference().config if flow else DDIMScheduler(clip_sample=False).config
         ours_best = ref_best = float("inf")
         for _ in range(args.runs):
             seconds, nfe = time_steps(FewstepScheduler.from_config(config, **kw), x_T, outputs, args.steps)
@@ -256,6 +269,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny convs: 1 is fastest)")
+    parser.add_argument("--only", nargs="+", default=None, help="--step-cost: rows whose label contains one of these")
     args = parser.parse_args(argv)
     if args.step_cost:
         return step_cost(args)

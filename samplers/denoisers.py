@@ -68,6 +68,18 @@ class Prediction:
     def __iter__(self):
         return iter((self.x0, self.eps))
 
+    def combine(self, c_x0: float, c_eps: float) -> Tensor:
+        """``c_x0 x0 + c_eps eps`` in two kernels: where only one of the pair is known it goes through
+        ``x`` (``x = alpha x0 + sigma eps``) and the other is never built. DDIM and Euler steps are this."""
+        if self._x0 is not None and self._eps is not None:
+            return torch.add(self._x0 * c_x0, self._eps, alpha=c_eps)
+        a, s = self._alpha, self._sigma
+        if not (isinstance(a, float) and isinstance(s, float)):  # per-sample coefficients
+            return self.x0 * c_x0 + self.eps * c_eps
+        if self._x0 is None:
+            return torch.add(self._x * (c_x0 / a), self._eps, alpha=c_eps - c_x0 * s / a)
+        return torch.add(self._x * (c_eps / s), self._x0, alpha=c_x0 - c_eps * a / s)
+
     def __repr__(self) -> str:
         return f"Prediction(x0={tuple(self.x0.shape)}, eps={tuple(self.eps.shape)})"
 
@@ -147,6 +159,11 @@ class _VelocityPrediction(Prediction):
         if self._eps is None:
             self._eps = torch.add(self._u * self._c[2], self._x, alpha=self._c[3])
         return self._eps
+
+    def combine(self, c_x0: float, c_eps: float) -> Tensor:
+        # c_x0 (c0 x + c1 u) + c_eps (c2 u + c3 x), as one multiply-add over x and u
+        c0, c1, c2, c3 = self._c
+        return torch.add(self._x * (c_x0 * c0 + c_eps * c3), self._u, alpha=c_x0 * c1 + c_eps * c2)
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:

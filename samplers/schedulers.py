@@ -31,7 +31,6 @@ from .schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule
 from .solvers import PNDM, Heun, Solver
 from .timeshift import TimeShift
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
-from .updates import ddim_step
 
 __all__ = ["FewstepScheduler", "HeavyBallScheduler", "GHVBScheduler", "SAMPLER_KEYS"]
 
@@ -544,7 +543,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         x = sample.float() if dtype in (torch.float16, torch.bfloat16) else sample
         pred = self._prediction(model_output if model_output.dtype == x.dtype else model_output.to(x.dtype), x, k)
         if k < self._bridge_end:
-            x_next = self._bridge(x, pred, t, self._plan[k + 1])
+            x_next = self._bridge(x, pred, k)
         else:
             self._generator, self._variance_noise = generator, variance_noise
             try:
@@ -555,13 +554,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         prev_sample = x_next if x_next.dtype == dtype else x_next.to(dtype)
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
-    def _bridge(self, x: Tensor, pred: Prediction, t: float, t_next: float) -> Tensor:
-        """A start inside a multi-call step: DDIM (eta = 0) from this call's time to the next call's,
-        or the sample itself when the next call is at the same time."""
-        if t_next == t:
+    def _bridge(self, x: Tensor, pred: Prediction, k: int) -> Tensor:
+        """A start inside a multi-call step (or from pure noise): DDIM (eta = 0) from call ``k``'s time to
+        the next call's, or the sample itself when the next call is at the same time."""
+        if self._plan[k + 1] == self._plan[k]:
             return x
-        tt = torch.tensor(t_next, dtype=torch.float64)
-        return ddim_step(pred.x0, pred.eps, self.noise_schedule.alpha(tt).item(), self.noise_schedule.sigma(tt).item())
+        alpha_next, sigma_next = self._coefs[k + 1][:2]
+        return pred.combine(alpha_next, sigma_next)
 
     def _coefficients(self, t: float) -> tuple:
         """``(alpha, sigma[, alpha_dot, sigma_dot])`` at ``t`` as Python floats (flow schedules add the

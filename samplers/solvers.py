@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .denoisers import Prediction, broadcast_like
 from .timesteps import Grid
-from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_sigma_eta, ddim_step, ddpm_posterior, dpmpp_first_order,
+from .updates import (AB_COEFFICIENTS, adams_bashforth, ddim_eps_weight, ddim_sigma_eta, ddpm_posterior, dpmpp_first_order,
                       dpmpp_second_order, dpmpp_third_order, dpmsolver_first_order, dpmsolver_second_order,
                       dpmsolver_third_order,
                       sde_dpmpp_first_order, sde_dpmpp_second_order, sde_dpmsolver_first_order,
@@ -111,8 +111,10 @@ class DDIM(Solver):
         for i in range(grid.n_steps):
             x, pred = yield x_next, t[i]
             s_eta = ddim_sigma_eta(self.eta, sigma[i + 1], lam[i + 1] - lam[i])
-            z = noise(x) if s_eta > 0 else None
-            x_next = ddim_step(pred.x0, pred.eps, alpha[i + 1], sigma[i + 1], s_eta, z)
+            # alpha' x0 + w eps in two kernels, whichever of the pair the network predicted
+            x_next = pred.combine(alpha[i + 1], ddim_eps_weight(sigma[i + 1], s_eta))
+            if s_eta > 0:
+                x_next = x_next + s_eta * noise(x)
         yield x_next, None
 
 
@@ -414,7 +416,8 @@ class Euler(Solver):
         for i in range(grid.n_steps):
             x, pred = yield x_next, t[i]
             ends = (alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
-            x_next = sigma_bar_transfer(x, pred.eps, *ends)
+            # the Euler step with slope eps lands on alpha' x0 + sigma' eps (x = alpha x0 + sigma eps)
+            x_next = pred.combine(alpha[i + 1], sigma[i + 1])
             if self.corrector and ends[3] > 0:  # Heun: evaluate at the Euler point, redo with the mean slope
                 _, pred2 = yield x_next, t[i + 1]
                 x_next = sigma_bar_transfer(x, 0.5 * (pred.eps + pred2.eps), *ends)

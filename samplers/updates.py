@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "ddim_step",
+    "ddim_eps_weight",
     "ddim_sigma_eta",
     "ddpm_posterior",
     "sigma_bar_transfer",
@@ -41,8 +42,13 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, sig
     """DDIM (Song et al. 2021, eq. 12): ``x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z``.
 
     A reconstruction from ``(x0, eps)`` at the next point only; it needs no current scalars."""
-    x = alpha_next * x0 + math.sqrt(max(sigma_next**2 - sigma_eta**2, 0.0)) * eps
+    x = alpha_next * x0 + ddim_eps_weight(sigma_next, sigma_eta) * eps
     return x if sigma_eta == 0.0 else x + sigma_eta * noise
+
+
+def ddim_eps_weight(sigma_next: float, sigma_eta: float = 0.0) -> float:
+    """DDIM's weight of ``eps`` at the next point, ``sqrt(sigma'^2 - s^2)``: the rest of its noise is fresh."""
+    return math.sqrt(max(sigma_next**2 - sigma_eta**2, 0.0))
 
 
 def ddim_sigma_eta(eta: float, sigma_next: float, h: float) -> float:
