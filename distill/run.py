@@ -136,6 +136,8 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
             return
         info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state),
                 **(method.student_info() if hasattr(method, "student_info") else {})}
+        if getattr(getattr(config, config.method), "generator_init", None):
+            info["generator_init"] = getattr(config, config.method).generator_init
         exported.append(export_student(module, scheduler_config, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info))
 
