@@ -184,3 +184,52 @@ def test_bad_matching_configs_fail_clearly(tiny_teacher, idx_folder, tmp_path, m
 def test_a_gan_term_without_data_is_refused(tiny_teacher):
     with pytest.raises(ValueError, match="trains on real data"):
         _method(tiny_teacher, discriminator=True, real_data=False, gan_weight=0.1)
+
+
+def test_the_shipped_configs_load():
+    from fewstep.config import load
+
+    repo = Path(__file__).resolve().parents[1]
+    for method in ("fdistill", "sim"):
+        config = load(DistillConfig, repo / "configs" / "distill" / f"{method}_fmnist.yaml")
+        assert config.method == method
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys
+from fewstep.config import DistillConfig, from_dict
+from fewstep.distill.run import distill
+teacher, data, out, method = sys.argv[1:5]
+section = ({"update_ratio": 2, "f": "js", "discriminator": True, "gan_weight": 0.1} if method == "fdistill"
+           else {"update_ratio": 1})
+distill(from_dict(DistillConfig, {
+    "method": method, "teacher": teacher, method: section,
+    "train": {"output_dir": out, "steps": 4, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 4, "log_every": 4,
+              "progress": False, "cpu": True, "ema_decay": 0.0},
+    "data": {"name": "fashion_mnist", "root": data, "size": 8}}))
+"""
+
+
+@pytest.mark.slow  # ~2 min: two launches of two processes
+@pytest.mark.parametrize("method", ["fdistill", "sim"])
+def test_two_cpu_processes_train_the_same_generator_as_one(tiny_teacher, idx_folder, tmp_path, method):
+    """The batch statistics (h's mean, the ratio's time bins) are all-reduced, so two processes with half
+    the batch each train what one process does, to float rounding."""
+    from diffusers import UNet2DModel
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    args = [str(tiny_teacher), str(idx_folder)]
+    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), method], check=True, capture_output=True)
+    # this interpreter's launcher (the one on PATH may belong to another environment)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                          *args, str(tmp_path / "two"), method], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    start = UNet2DModel.from_pretrained(tiny_teacher / "unet").state_dict()
+    a = UNet2DModel.from_pretrained(tmp_path / "one" / "students" / f"{method}-1" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(tmp_path / "two" / "students" / f"{method}-1" / "unet").state_dict()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    changed = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert changed > 1e-3
+    assert diff < 1e-4 and diff < 0.01 * changed, (diff, changed)
