@@ -66,6 +66,11 @@ def test_each_objective_trains_and_exports_a_one_step_student(tiny_teacher, idx_
     assert sampler.student["training"]["updates"] == 4
     out = sampler.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    from diffusers import DDPMPipeline  # the same student as a diffusers pipeline, same noise
+
+    pipe = DDPMPipeline.from_pretrained(path)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=1, output_type="np").images
+    assert abs(((out.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-5
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert "fake" in history[-1] and "generator" in history[-1]  # step 4 updates the generator
     assert (tmp_path / "run" / "training_curves.png").is_file()
