@@ -23,12 +23,13 @@ from fewstep.io import atomic_write_bytes
 
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit, from_train_config
+from .matching import DistributionMatching
 from .progressive import ProgressiveDistillation
 from .students import diffusers_reproducible, export_student
 
 __all__ = ["METHODS", "distill", "core_settings", "plot_history", "cli"]
 
-METHODS = ("progressive", "consistency")
+METHODS = ("progressive", "consistency", "fdistill", "sim")
 
 #: diffusers scheduler classes whose config is a DDPM-family (discrete VP) noise schedule.
 _DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -71,7 +72,49 @@ def _method(config: DistillConfig, unet, prediction_type: str, schedule, optim: 
         return MultistepConsistency(unet, prediction_type, schedule, cm.student_steps, cm.teacher_steps,
                                     cm.teacher_steps_end, cm.anneal_updates, cm.variant, cm.prediction_type,
                                     cm.huber_c, cm.xvar_frac, optim)
+    if config.method in ("fdistill", "sim"):
+        return _matching(config, unet, prediction_type, schedule, optim)
     raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
+
+
+def _matching(config: DistillConfig, unet, prediction_type: str, schedule, optim: OptimizerConfig):
+    """f-distill (``fdistill:``) or SIM (``sim:``): one-step generators; the critics share ``train:``'s
+    optimizer settings except their learning rate (``critic_lr``) and keep no EMA."""
+    section = getattr(config, config.method)
+    critic = dataclasses.replace(optim, lr=section.critic_lr or optim.lr, ema_decay=None)
+    init = None
+    if section.generator_init is not None:
+        init = _generator_init(section.generator_init, section.prediction_type)
+    common = dict(prediction_type=section.prediction_type, update_ratio=section.update_ratio, min_t=section.min_t,
+                  max_t=section.max_t, optim=optim, critic_optim=critic, generator_init=init, name=config.method)
+    if config.method == "fdistill":
+        if section.variant not in ("f_distill", "diff_instruct"):
+            raise ValueError(f"fdistill.variant must be 'f_distill' or 'diff_instruct', got {section.variant!r}")
+        return DistributionMatching(unet, prediction_type, schedule, objective=section.variant, f=section.f,
+                                    discriminator=section.discriminator, real_data=section.discriminator,
+                                    gan_weight=section.gan_weight, r1_weight=section.r1_weight,
+                                    ratio_clamp=(section.ratio_lower, section.ratio_upper),
+                                    ratio_bins=section.ratio_bins, ratio_ema=section.ratio_ema, **common)
+    if section.variant not in ("sim", "sid"):
+        raise ValueError(f"sim.variant must be 'sim' or 'sid', got {section.variant!r}")
+    return DistributionMatching(unet, prediction_type, schedule, objective=section.variant, distance=section.distance,
+                                huber_c=section.huber_c, sid_alpha=section.sid_alpha, **common)
+
+
+def _generator_init(path: str, prediction_type: str):
+    """The UNet of an exported one-step student, checked to predict what the generator predicts."""
+    from diffusers import UNet2DModel
+
+    from .students import STUDENT_FILE
+
+    record_path = Path(path) / STUDENT_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(f"generator_init {path} is not a fewstep student (no {STUDENT_FILE})")
+    record = json.loads(record_path.read_text())
+    if record["prediction_type"] != prediction_type:
+        raise ValueError(f"generator_init {path} predicts {record['prediction_type']!r}, the generator "
+                         f"{prediction_type!r}")
+    return UNet2DModel.from_pretrained(Path(path) / "unet")
 
 
 def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
@@ -91,17 +134,23 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
                   f"({scheduler_config.get('num_train_timesteps', 1000)}"
                   f" training steps / {steps} is not an integer)")
             return
-        info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state)}
+        info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state),
+                **(method.student_info() if hasattr(method, "student_info") else {})}
+        if getattr(getattr(config, config.method), "generator_init", None):
+            info["generator_init"] = getattr(config, config.method).generator_init
         exported.append(export_student(module, scheduler_config, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info))
 
     torch.manual_seed(core.seed)
     method = _method(config, unet, teacher_type, schedule, optim, on_student)
-    data = load_images(**given(config.data))
-    expected = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    if tuple(data.shape[1:]) != expected:
-        raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the teacher's {expected} input")
-    result = fit(method, core, TensorDataset(data), max_steps=max_steps)
+    dataset = None
+    if method.needs_data:  # f-distill without its discriminator and SIM are data-free
+        data = load_images(**given(config.data))
+        expected = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        if tuple(data.shape[1:]) != expected:
+            raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the teacher's {expected} input")
+        dataset = TensorDataset(data)
+    result = fit(method, core, dataset, max_steps=max_steps)
     out = Path(core.output_dir)
     atomic_write_bytes(out / "history.json", json.dumps(result.history, indent=1).encode())
     if result.history:
@@ -133,7 +182,8 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> Path:
     for prev, cur in zip(history, history[1:]):
         if cur["round"] != prev["round"]:
             ax.axvline(prev["step"], color="0.8", lw=0.8)
-    ax.set_yscale("log")
+    values = [h.get(name) for h in history for name in names if h.get(name) is not None]
+    ax.set_yscale("log" if all(v > 0 for v in values) else "symlog")  # SIM / SiD losses can be negative
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 __all__ = ["option", "section", "load", "from_dict", "apply_override", "read_yaml", "reject_unknown", "given",
            "help_text", "TrainConfig", "UNetConfig", "DDPMSchedulerConfig", "DataConfig", "MRConfig",
-           "TeacherConfig", "MRTrainConfig", "ClassifierConfig", "ProgressiveConfig", "ConsistencyConfig",
+           "TeacherConfig", "MRTrainConfig", "ClassifierConfig", "ProgressiveConfig", "ConsistencyConfig", "FDistillConfig", "SIMConfig",
            "DistillConfig"]
 
 
@@ -448,13 +448,58 @@ class ConsistencyConfig:
 
 
 @dataclass
+class FDistillConfig:
+    """One-step f-distill (Xu, Nie & Vahdat 2025) / DMD2 (f=rkl) / Diff-Instruct, ``fdistill:`` section."""
+
+    label: ClassVar[str] = "fdistill"
+
+    variant: str = option("f_distill", "f_distill (DMD-normalised; f=rkl is DMD2) or diff_instruct (rkl, unnormalised)")
+    f: str = option("rkl", "f-divergence: rkl, kl (forward), js, sh (squared Hellinger), sf (softened rkl), jf (Jeffreys)")
+    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
+    update_ratio: int = option(5, "critic (fake score, discriminator) updates per generator update")
+    discriminator: bool = option(False, "train a GAN head on frozen teacher features (the ratio r; needs data)")
+    gan_weight: float = option(0.0, "weight of the generator's GAN term softplus(-D) (needs discriminator)")
+    r1_weight: float = option(0.0, "finite-difference R1 on real inputs (FastGen's approximation)")
+    ratio_lower: float = option(0.1, "lower clamp of the density ratio r")
+    ratio_upper: float = option(20.0, "upper clamp of the density ratio r")
+    ratio_bins: int = option(10, "time bins of the ratio normalisation (0: off)")
+    ratio_ema: float = option(0.0, "EMA rate of the per-bin ratio means (0: this batch's)")
+    min_t: float = option(0.02, "lowest timestep of the matching term, a fraction of the training range")
+    max_t: float = option(0.98, "highest timestep of the matching term")
+    critic_lr: float | None = option(None, "learning rate of the fake score and discriminator (null: train.lr)")
+    generator_init: str | None = option(None, "start the generator from this student folder (null: the teacher)")
+    anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
+
+
+@dataclass
+class SIMConfig:
+    """One-step Score Implicit Matching (Luo et al. 2024) / SiD (Zhou et al. 2024), ``sim:`` section."""
+
+    label: ClassVar[str] = "sim"
+
+    variant: str = option("sim", "sim (distance below) or sid (SiD's loss with sid_alpha; 1 = sim with l2)")
+    distance: str = option("pseudo_huber", "pseudo_huber or l2 (squared L2: the Fisher divergence)")
+    huber_c: float = option(1.0, "pseudo-Huber c, in denoiser units (|x_hat_teacher - x_hat_fake| over C, H, W)")
+    sid_alpha: float = option(1.2, "SiD's alpha")
+    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
+    update_ratio: int = option(1, "fake-score updates per generator update")
+    min_t: float = option(0.02, "lowest timestep of the generator's term, a fraction of the training range")
+    max_t: float = option(0.98, "highest timestep of the generator's term")
+    critic_lr: float | None = option(None, "learning rate of the fake score network (null: train.lr)")
+    generator_init: str | None = option(None, "start the generator from this student folder (null: the teacher)")
+    anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
+
+
+@dataclass
 class DistillConfig:
     """``fewstep distill``: a few-step student from a diffusers DDPM teacher."""
 
-    method: str = option("progressive", "progressive or consistency")
+    method: str = option("progressive", "progressive, consistency, fdistill or sim")
     teacher: str | None = option(None, "teacher DDPMPipeline folder (default: the embedded teachers/fmnist)")
     students_dir: str | None = option(None, "where students are exported (default: train.output_dir/students)")
     train: TrainConfig = section(TrainConfig)
     progressive: ProgressiveConfig = section(ProgressiveConfig)
     consistency: ConsistencyConfig = section(ConsistencyConfig)
+    fdistill: FDistillConfig = section(FDistillConfig)
+    sim: SIMConfig = section(SIMConfig)
     data: DataConfig = section(DataConfig)

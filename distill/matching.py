@@ -1,0 +1,364 @@
+"""One-step distribution matching on the training core: f-distill (Xu, Nie & Vahdat 2025; reverse-KL is
+DMD2, Yin et al. 2024; Diff-Instruct, Luo et al. 2023, is reverse-KL unnormalised) and Score Implicit
+Matching (Luo et al. 2024; SiD, Zhou et al. 2024, is a setting of it). The math is in ``fdiv``.
+
+Networks (research note distill.md 2.2, 3.3, 5):
+
+- ``generator``: a copy of the teacher (or of a given student), one step from pure noise: ``x = x0_hat``
+  of its ``prediction_type`` output at the last trailing timestep (an x- or v-parameterisation: an eps
+  one cannot take one step);
+- ``fake``: a copy of the teacher trained by denoising score matching on the generator's samples (the
+  teacher's own loss, in its own parameterisation), so it tracks the score of ``q_t``;
+- ``disc`` (optional): a small head on the frozen teacher's mid-block features, trained with the
+  logistic GAN loss on noised real vs generated images (+ FastGen's finite-difference R1); its logit is
+  the density ratio f-distill needs (``exp(logit) = p_t / q_t`` at the optimum);
+- ``teacher`` (frozen) and ``ratio_stats`` (frozen buffers: the per-time-bin EMA of ``r``, so resume
+  is exact).
+
+Each core step updates the critics (fake, then disc) once; every ``update_ratio``-th step (the last of
+each group) the generator too (DMD2's order: the critics lead, 5 : 1 by default; SiD and SIM 1 : 1).
+Timesteps are drawn uniformly from the integer timesteps in ``[min_t, max_t]`` of the schedule's
+training range (DMD2: 2%..98%); the fake network's DSM uses the whole range.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..samplers.timesteps import DiffusersSpacing, Grid
+from .core import Method, Network, OptimizerConfig
+from .fdiv import (F_DIVERGENCES, bin_index, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
+                   normalise_by_bins, normalise_weight, sid_loss, sim_loss, vsd_loss)
+from .progressive import check_student_steps
+from .students import student_denoiser
+
+__all__ = ["OBJECTIVES", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
+
+#: objective -> what it is.
+OBJECTIVES = {"f_distill": "f-distill: h(r)-weighted score difference, DMD-normalised (f=rkl: DMD2)",
+              "diff_instruct": "Diff-Instruct: reverse-KL, no normalisation",
+              "sim": "Score Implicit Matching, pseudo-Huber or squared-L2 distance",
+              "sid": "SiD: (f_phi - f_psi)^T((f_phi - x) - alpha (f_phi - f_psi)), DMD-normalised"}
+
+
+class FeatureHead(nn.Module):
+    """The discriminator head on teacher features ``[B, C, h, w]``: conv, SiLU, 1x1 conv to one logit
+    map, averaged over space -> ``[B]``."""
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 1, 1))
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.net(feats).flatten(1).mean(1)
+
+
+class RatioStats(nn.Module):
+    """Per-time-bin means of the density ratio (an EMA), as buffers so checkpoints carry them."""
+
+    def __init__(self, n_bins: int):
+        super().__init__()
+        self.register_buffer("means", torch.ones(n_bins))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+
+def dsm_loss(pred, x: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """Denoising score matching in the network's own parameterisation (the teacher's training loss):
+    ``|eps_hat - eps|^2``, ``|v_hat - v|^2`` (``v = alpha eps - sigma x``) or ``|x_hat - x|^2``; mean
+    over all elements."""
+    if prediction_type in ("eps", "epsilon"):
+        diff = pred.eps - noise
+    elif prediction_type in ("v", "v_prediction"):
+        diff = (alpha * pred.eps - sigma * pred.x0) - (alpha * noise - sigma * x)
+    elif prediction_type in ("x0", "sample"):
+        diff = pred.x0 - x
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return diff.float().square().mean()
+
+
+class _frozen_params:
+    """Within the block, ``module``'s parameters take no gradient (inputs still do): the generator's loss
+    back-propagates through the fake network and the discriminator head without touching their weights."""
+
+    def __init__(self, *modules: nn.Module | None):
+        self.params = [p for m in modules if m is not None for p in m.parameters()]
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
+
+
+class _Features:
+    """Captures the output of a teacher module (the UNet's mid block) on every teacher call."""
+
+    def __init__(self, module: nn.Module):
+        self.value = None
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+def _mid_block(teacher: nn.Module) -> tuple[nn.Module, int]:
+    block = getattr(teacher, "mid_block", None)
+    if block is None:
+        raise ValueError("the discriminator reads the teacher's mid-block features; this teacher has no "
+                         "`mid_block` (a diffusers UNet2DModel has one)")
+    return block, int(teacher.config.block_out_channels[-1])
+
+
+class DistributionMatching(Method):
+    """f-distill / DMD2 / Diff-Instruct / SIM / SiD on the core (module docstring).
+
+    ``objective``: one of ``OBJECTIVES``; ``f``: the f-divergence of ``f_distill`` (``fdiv.F_DIVERGENCES``);
+    ``discriminator``: train the GAN head (needs ``real_data``); ``gan_weight``: the generator's GAN
+    term ``softplus(-D)``; ``r1_weight``: FastGen's finite-difference R1 on real inputs;
+    ``ratio_clamp``: ``(lower, upper)`` of ``r``; ``ratio_bins`` / ``ratio_ema``: per-time-bin
+    normalisation of ``r`` (0 bins: off); ``distance`` / ``huber_c``: SIM's ``d``; ``sid_alpha``: SiD's
+    alpha (1: SIM with squared L2). ``generator_init``: a module to start the generator from instead of
+    the teacher (e.g. another method's one-step student; it must predict ``prediction_type``).
+    """
+
+    name = "matching"
+
+    def __init__(self, teacher: nn.Module, teacher_prediction_type: str, schedule, objective: str = "f_distill",
+                 f: str = "rkl", prediction_type: str = "v_prediction", update_ratio: int = 5,
+                 discriminator: bool = False, real_data: bool = False, gan_weight: float = 0.0,
+                 r1_weight: float = 0.0, r1_sigma: float = 0.1, ratio_clamp: tuple[float, float] = (0.1, 20.0),
+                 ratio_bins: int = 10, ratio_ema: float = 0.0, min_t: float = 0.02, max_t: float = 0.98,
+                 distance: str = "pseudo_huber", huber_c: float = 1.0, sid_alpha: float = 1.2,
+                 optim: OptimizerConfig | None = None, critic_optim: OptimizerConfig | None = None,
+                 generator_init: nn.Module | None = None, name: str | None = None):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if f not in F_DIVERGENCES:
+            raise ValueError(f"unknown f-divergence {f!r}; expected one of {', '.join(F_DIVERGENCES)}")
+        if objective == "diff_instruct" and f != "rkl":
+            raise ValueError("diff_instruct is reverse-KL: leave f at 'rkl'")
+        check_student_steps(prediction_type, 1)
+        if not isinstance(update_ratio, int) or isinstance(update_ratio, bool) or update_ratio < 1:
+            raise ValueError(f"update_ratio (critic updates per generator update) must be an integer >= 1, "
+                             f"got {update_ratio!r}")
+        lower, upper = ratio_clamp
+        if not 0 < lower < upper:
+            raise ValueError(f"ratio clamps must satisfy 0 < lower < upper, got {lower} and {upper}")
+        if not 0 <= min_t < max_t <= 1:
+            raise ValueError(f"need 0 <= min_t < max_t <= 1, got {min_t} and {max_t}")
+        if not 0 <= ratio_ema < 1 or ratio_bins < 0:
+            raise ValueError("ratio_ema must lie in [0, 1) and ratio_bins be >= 0")
+        if (gan_weight > 0 or r1_weight > 0) and not discriminator:
+            raise ValueError("a GAN term (gan_weight, r1_weight) needs the discriminator: set discriminator true")
+        if discriminator and not real_data:
+            raise ValueError("the discriminator (GAN term / density ratio) trains on real data; this run has "
+                             "none (real_data false): turn the discriminator off or give it data")
+        if objective == "f_distill" and f != "rkl" and not discriminator:
+            raise ValueError(f"f-divergence {f!r} weights by the density ratio, which comes from the "
+                             "discriminator: set discriminator true (with real data), or use f 'rkl'")
+        if objective in ("sim", "sid", "diff_instruct") and discriminator:
+            raise ValueError(f"objective {objective!r} has no GAN term here; the discriminator is f_distill's")
+        self.name = name or ("sim" if objective in ("sim", "sid") else "fdistill")
+        self.schedule, self.objective, self.f = schedule, objective, f
+        self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
+        self.update_ratio, self.discriminator, self.needs_data = update_ratio, discriminator, discriminator
+        self.gan_weight, self.r1_weight, self.r1_sigma = gan_weight, r1_weight, r1_sigma
+        self.ratio_clamp, self.ratio_bins, self.ratio_ema = (float(lower), float(upper)), ratio_bins, ratio_ema
+        self.min_t, self.max_t = min_t, max_t
+        self.distance, self.huber_c, self.sid_alpha = distance, huber_c, sid_alpha
+        if objective == "sim":
+            sim_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), distance, huber_c)  # validates
+        self.optim = optim or OptimizerConfig(lr=1e-5, weight_decay=0.01, grad_clip=10.0)
+        self.critic_optim = critic_optim or dataclasses.replace(self.optim, ema_decay=None)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.generator = copy.deepcopy(teacher if generator_init is None else generator_init).train().requires_grad_(True)
+        self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.features = None
+        if discriminator:
+            block, self._disc_channels = _mid_block(self.teacher)
+            self.features = _Features(block)
+        self.disc = None
+        self.stats = RatioStats(max(ratio_bins, 1))
+        self.grid = DiffusersSpacing("trailing").grid(schedule, 1, final="zero")
+        self.n_train = int(getattr(schedule, "num_train_timesteps", 1000))
+
+    # -- declarations ---------------------------------------------------------------------------
+
+    def networks(self):
+        nets = {"generator": Network(self.generator, self.optim), "fake": Network(self.fake, self.critic_optim),
+                "teacher": Network(self.teacher), "ratio_stats": Network(self.stats)}
+        if self.discriminator:
+            if self.disc is None:  # here, after fit seeds the global RNG: its initial weights follow train.seed
+                self.disc = FeatureHead(self._disc_channels)
+            nets["disc"] = Network(self.disc, self.critic_optim)
+        return nets
+
+    def recipe(self) -> dict:
+        keys = ("objective", "f", "prediction_type", "teacher_prediction_type", "update_ratio", "discriminator",
+                "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema", "min_t", "max_t",
+                "distance", "huber_c", "sid_alpha")
+        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule)}
+
+    def student_info(self) -> dict:
+        """What the exported student's ``fewstep_student.json`` records about its training."""
+        info = {"objective": self.objective, "update_ratio": self.update_ratio}
+        if self.objective == "f_distill":
+            info.update(f=self.f, gan_weight=self.gan_weight if self.discriminator else None)
+        if self.objective == "sim":
+            info.update(distance=self.distance, huber_c=self.huber_c)
+        if self.objective == "sid":
+            info.update(sid_alpha=self.sid_alpha)
+        return info
+
+    def final_student(self, state):
+        return 1, state.ema("generator"), self.grid, state
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _coef(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1, *([1] * (like.ndim - 1)))
+        a = self.schedule.alpha(t.double()).to(like.device, like.dtype).reshape(shape)
+        s = self.schedule.sigma(t.double()).to(like.device, like.dtype).reshape(shape)
+        return a, s
+
+    def _times(self, ctx, rows: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+        """Integer timesteps uniform in ``[lo T, hi T]`` (clipped to the training range) and their position
+        in that range (``[0, 1]``, for the time bins)."""
+        first, last = int(lo * self.n_train), min(int(hi * self.n_train), self.n_train - 1)
+        t = first + ctx.randint(last - first + 1, rows)
+        return t.double(), (t - first).float() / max(last - first, 1)
+
+    def _generate(self, ctx, module: nn.Module, rows: int, like_shape) -> Tensor:
+        z = ctx.randn(rows, *like_shape)
+        gen = student_denoiser(module, self.schedule, self.prediction_type)
+        return gen(z, self.grid.t[0].expand(rows)).x0
+
+    def _shape(self):
+        cfg = getattr(self.teacher, "config", None)
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def _rows(self, ctx, batch) -> int:
+        if batch is not None:
+            return batch.shape[0]
+        acc = ctx.state.accelerator
+        return ctx.config.batch_size // ctx.config.accumulation // acc.num_processes
+
+    def _all_sum(self, ctx, value: Tensor) -> Tensor:
+        acc = ctx.state.accelerator
+        return acc.reduce(value.clone(), reduction="sum") if acc.num_processes > 1 else value
+
+    def _teacher(self, ctx, x_t: Tensor, t: Tensor):
+        return student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)(x_t, t).x0
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def train_step(self, ctx, batch):
+        rows = self._rows(ctx, batch)
+        shape = tuple(batch.shape[1:]) if batch is not None else self._shape()
+        losses = self._critic_step(ctx, batch, rows, shape)
+        if (ctx.step + 1) % self.update_ratio == 0:
+            losses.update(self._generator_step(ctx, rows, shape))
+        return losses
+
+    def _critic_step(self, ctx, batch, rows, shape) -> dict[str, Tensor]:
+        with torch.no_grad():
+            x = self._generate(ctx, ctx.state.unwrapped("generator"), rows, shape)
+        t, _ = self._times(ctx, rows, 0.0, 1.0)
+        noise = ctx.randn(rows, *shape)
+        a, s = self._coef(t, x)
+        x_t = a * x + s * noise
+        pred = student_denoiser(ctx.net("fake"), self.schedule, self.teacher_prediction_type)(x_t, t)
+        out = {"fake": ctx.update("fake", dsm_loss(pred, x, noise, a, s, self.teacher_prediction_type))}
+        if self.discriminator:
+            out.update(self._disc_step(ctx, batch, x, rows, shape))
+        return out
+
+    def _feats(self, ctx, x_t: Tensor, t: Tensor) -> Tensor:
+        self._teacher(ctx, x_t, t)
+        return self.features.value
+
+    def _disc_step(self, ctx, batch, x, rows, shape) -> dict[str, Tensor]:
+        t_fake, _ = self._times(ctx, rows, self.min_t, self.max_t)
+        t_real, _ = self._times(ctx, rows, self.min_t, self.max_t)
+        a_f, s_f = self._coef(t_fake, x)
+        a_r, s_r = self._coef(t_real, x)
+        real_t = a_r * batch + s_r * ctx.randn(rows, *shape)
+        with torch.no_grad():
+            f_fake = self._feats(ctx, a_f * x + s_f * ctx.randn(rows, *shape), t_fake)
+            f_real = self._feats(ctx, real_t, t_real)
+        disc = ctx.net("disc")
+        logit_real = disc(f_real)
+        loss = F.softplus(disc(f_fake)).mean() + F.softplus(-logit_real).mean()
+        out = {}
+        if self.r1_weight > 0:  # finite-difference R1 (FastGen's approximation) on the real inputs
+            with torch.no_grad():
+                f_near = self._feats(ctx, real_t + self.r1_sigma * ctx.randn(rows, *shape), t_real)
+            r1 = (disc(f_near) - logit_real).float().square().mean()
+            loss = loss + self.r1_weight * r1
+            out["r1"] = r1.detach()
+        out["disc"] = ctx.update("disc", loss)
+        return out
+
+    def _ratio_weight(self, ctx, logit: Tensor, t_frac: Tensor) -> Tensor:
+        """``h(r)``: the ratio from the logit, clamped, normalised per time bin, then ``h`` by its global
+        batch mean (all-reduced over processes)."""
+        r = density_ratio(logit, *self.ratio_clamp)
+        if self.ratio_bins:
+            bins = bin_index(t_frac, self.ratio_bins)
+            sums, counts = bin_totals(r, bins, self.ratio_bins)
+            sums, counts = self._all_sum(ctx, sums), self._all_sum(ctx, counts)
+            stats = ctx.state.unwrapped("ratio_stats")
+            r, means = normalise_by_bins(r, bins, sums, counts, stats.means if bool(stats.started) else None,
+                                         self.ratio_ema)
+            if ctx.micro == ctx.config.accumulation - 1:
+                stats.means.copy_(means)
+                stats.started.fill_(True)
+        h = f_weight(self.f, r)
+        count = self._all_sum(ctx, torch.tensor(float(h.numel()), device=h.device))
+        return normalise_weight(h, self._all_sum(ctx, h.sum()), count)
+
+    def _generator_step(self, ctx, rows, shape) -> dict[str, Tensor]:
+        x = self._generate(ctx, ctx.net("generator"), rows, shape)
+        t, t_frac = self._times(ctx, rows, self.min_t, self.max_t)
+        a, s = self._coef(t, x)
+        x_t = a * x + s * ctx.randn(rows, *shape)
+        numel = x[0].numel()
+        out = {}
+        fake = ctx.state.unwrapped("fake")
+        disc = ctx.state.unwrapped("disc") if self.discriminator else None
+        with _frozen_params(fake, disc):
+            if self.objective in ("sim", "sid"):
+                # through x_t everywhere: the teacher's and the fake network's inputs, not their weights
+                x_teacher = self._teacher(ctx, x_t, t)
+                x_fake = student_denoiser(fake, self.schedule, self.teacher_prediction_type)(x_t, t).x0
+                if self.objective == "sim":
+                    per = sim_loss(x, x_teacher, x_fake, self.distance, self.huber_c)
+                else:
+                    per = sid_loss(x, x_teacher, x_fake, self.sid_alpha)
+                per = torch.nan_to_num(per.float()) * dmd_normaliser(x, x_teacher)
+                loss = per.mean() / numel
+            else:
+                with torch.set_grad_enabled(self.gan_weight > 0):  # the GAN term back-propagates through the teacher
+                    x_teacher = self._teacher(ctx, x_t if self.gan_weight > 0 else x_t.detach(), t)
+                    logit = disc(self.features.value) if self.discriminator else None
+                with torch.no_grad():
+                    x_fake = student_denoiser(fake, self.schedule, self.teacher_prediction_type)(x_t.detach(), t).x0
+                h = self._ratio_weight(ctx, logit, t_frac) if self.discriminator else 1.0
+                weight = dmd_normaliser(x, x_teacher) if self.objective == "f_distill" else 1.0
+                loss = vsd_loss(x, matching_gradient(x_fake, x_teacher, h, weight)).mean() / numel
+                if self.gan_weight > 0:
+                    gan = F.softplus(-logit).float().mean()
+                    out["gan"] = gan.detach()
+                    loss = loss + self.gan_weight * gan
+        out["generator"] = ctx.update("generator", loss)
+        return out
