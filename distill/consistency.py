@@ -103,7 +103,7 @@ class MultistepConsistency(Method):
                  teacher_steps: int = 64, teacher_steps_end: int = 1280, anneal_updates: int = 100_000,
                  variant: str = "distillation", prediction_type: str = "v_prediction", huber_c: float = 1e-4,
                  xvar_frac: float = 0.75, optim: OptimizerConfig | None = None, student: nn.Module | None = None,
-                 timesteps: Timesteps | None = None):
+                 timesteps: Timesteps | None = None, student_init: str | None = None):
         if not isinstance(student_steps, int) or student_steps < 1:
             raise ValueError(f"student_steps must be an integer >= 1, got {student_steps!r}")
         if variant not in ("distillation", "training"):
@@ -117,6 +117,7 @@ class MultistepConsistency(Method):
         self.teacher_steps, self.teacher_steps_end, self.anneal_updates = teacher_steps, teacher_steps_end, anneal_updates
         self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
         self.huber_c, self.xvar_frac = huber_c, xvar_frac
+        self.student_init = student_init  # where ``student`` came from, for the recipe
         self.timesteps = timesteps if timesteps is not None else DiffusersSpacing("trailing")
         self.max_steps = getattr(schedule, "num_train_timesteps", None)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if variant == "distillation" else None
@@ -161,4 +162,5 @@ class MultistepConsistency(Method):
         return {"student_steps": self.student_steps, "teacher_steps": [self.teacher_steps, self.teacher_steps_end],
                 "anneal_updates": self.anneal_updates, "variant": self.variant, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "huber_c": self.huber_c,
-                "xvar_frac": self.xvar_frac, "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule)}
+                "xvar_frac": self.xvar_frac, "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule),
+                **({"student_init": self.student_init} if self.student_init else {})}

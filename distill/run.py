@@ -69,9 +69,10 @@ def _method(config: DistillConfig, unet, prediction_type: str, schedule, optim: 
                                        pd.prediction_type, pd.weighting, optim, on_student)
     if config.method == "consistency":
         cm = config.consistency
+        init = None if cm.student_init is None else _student_init(cm.student_init, cm.prediction_type, "student_init")
         return MultistepConsistency(unet, prediction_type, schedule, cm.student_steps, cm.teacher_steps,
                                     cm.teacher_steps_end, cm.anneal_updates, cm.variant, cm.prediction_type,
-                                    cm.huber_c, cm.xvar_frac, optim)
+                                    cm.huber_c, cm.xvar_frac, optim, student=init, student_init=cm.student_init)
     if config.method in ("fdistill", "sim"):
         return _matching(config, unet, prediction_type, schedule, optim)
     raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
@@ -84,7 +85,7 @@ def _matching(config: DistillConfig, unet, prediction_type: str, schedule, optim
     critic = dataclasses.replace(optim, lr=section.critic_lr or optim.lr, ema_decay=None)
     init = None
     if section.generator_init is not None:
-        init = _generator_init(section.generator_init, section.prediction_type)
+        init = _student_init(section.generator_init, section.prediction_type, "generator_init")
     common = dict(prediction_type=section.prediction_type, update_ratio=section.update_ratio, min_t=section.min_t,
                   max_t=section.max_t, optim=optim, critic_optim=critic, generator_init=init, name=config.method)
     if config.method == "fdistill":
@@ -101,18 +102,19 @@ def _matching(config: DistillConfig, unet, prediction_type: str, schedule, optim
                                 huber_c=section.huber_c, sid_alpha=section.sid_alpha, **common)
 
 
-def _generator_init(path: str, prediction_type: str):
-    """The UNet of an exported one-step student, checked to predict what the generator predicts."""
+def _student_init(path: str, prediction_type: str, key: str):
+    """The UNet of an exported student (the start of a new one: ``key``), checked to predict what the new
+    student predicts."""
     from diffusers import UNet2DModel
 
     from .students import STUDENT_FILE
 
     record_path = Path(path) / STUDENT_FILE
     if not record_path.is_file():
-        raise FileNotFoundError(f"generator_init {path} is not a fewstep student (no {STUDENT_FILE})")
+        raise FileNotFoundError(f"{key} {path} is not a fewstep student (no {STUDENT_FILE})")
     record = json.loads(record_path.read_text())
     if record["prediction_type"] != prediction_type:
-        raise ValueError(f"generator_init {path} predicts {record['prediction_type']!r}, the generator "
+        raise ValueError(f"{key} {path} predicts {record['prediction_type']!r}, the new student "
                          f"{prediction_type!r}")
     return UNet2DModel.from_pretrained(Path(path) / "unet")
 
@@ -136,8 +138,10 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
             return
         info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state),
                 **(method.student_info() if hasattr(method, "student_info") else {})}
-        if getattr(getattr(config, config.method), "generator_init", None):
-            info["generator_init"] = getattr(config, config.method).generator_init
+        section = getattr(config, config.method)
+        for key in ("generator_init", "student_init"):  # where the student started, when not the teacher
+            if getattr(section, key, None):
+                info[key] = getattr(section, key)
         exported.append(export_student(module, scheduler_config, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info))
 

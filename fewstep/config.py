@@ -445,6 +445,8 @@ class ConsistencyConfig:
     huber_c: float = option(1e-4, "pseudo-Huber c")
     xvar_frac: float = option(0.75, "aDDIM's eta: x_var = eta |x_teacher - x|^2 / d")
     anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
+    student_init: str | None = option(None, "start the student from this student folder, e.g. another S "
+                                            "(null: the teacher's weights)")
 
 
 @dataclass

@@ -72,6 +72,26 @@ def test_mcm_exports_a_student_of_its_segment_count(tiny_teacher, idx_folder, tm
     assert path.name == "consistency-2" and load_student(path).nfe == 2
 
 
+def test_mcm_can_start_from_another_student(tiny_teacher, idx_folder, tmp_path):
+    from diffusers import UNet2DModel
+
+    mcm = {"student_steps": 2, "teacher_steps": 4, "teacher_steps_end": 16, "anneal_updates": 4}
+    (first,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "s2", method="consistency", consistency=mcm))
+    config = _config(tiny_teacher, idx_folder, tmp_path / "s1", method="consistency",
+                     consistency={**mcm, "student_steps": 1, "student_init": str(first)}, train={"steps": 1, "lr": 1e-12})
+    (second,) = distill(config)
+    assert load_student(second).student["student_init"] == str(first)
+    start, end = UNet2DModel.from_pretrained(first / "unet"), UNet2DModel.from_pretrained(second / "unet")
+    for a, b in zip(start.parameters(), end.parameters()):  # one step of lr 1e-12: still the init's weights
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    with pytest.raises(FileNotFoundError, match="student_init .* is not a fewstep student"):
+        distill(_config(tiny_teacher, idx_folder, tmp_path / "bad", method="consistency",
+                        consistency={**mcm, "student_init": str(tiny_teacher)}))
+    with pytest.raises(ValueError, match="predicts 'v_prediction', the new student 'sample'"):
+        distill(_config(tiny_teacher, idx_folder, tmp_path / "bad2", method="consistency",
+                        consistency={**mcm, "student_init": str(first), "prediction_type": "sample"}))
+
+
 @pytest.mark.parametrize("method,options", [("progressive", {"progressive": {"start_steps": 4}}),
                                             ("consistency", {"consistency": {"student_steps": 2, "teacher_steps": 4}})])
 def test_an_interrupted_distillation_resumes_bitwise_across_a_round(tiny_teacher, idx_folder, tmp_path, method, options):
