@@ -41,13 +41,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: name -> (config, overrides). Batch 256 and 4-8x the CPU configs' updates; PD starts at 64 steps.
+#: name -> (config, overrides). Larger batches and 4-8x the CPU configs' updates; PD starts at 64 steps.
 JOBS: dict[str, tuple[str, list[str]]] = {
     "progressive": ("configs/distill/progressive_fmnist.yaml",
                     ["progressive.start_steps=64", "train.steps=24000", "train.batch_size=256"]),
     **{f"consistency-{s}": ("configs/distill/consistency_fmnist.yaml",
                             [f"consistency.student_steps={s}", "train.steps=10000", "consistency.anneal_updates=8000",
                              "train.batch_size=256"]) for s in (1, 2, 4, 8)},
+    # one-step distribution matching from the committed PD one-step student (the CPU runs' start)
+    "fdistill": ("configs/distill/fdistill_fmnist.yaml", ["train.steps=20000", "train.batch_size=128"]),
+    "sim": ("configs/distill/sim_fmnist.yaml", ["train.steps=10000", "train.batch_size=128",
+                                                "sim.generator_init=teachers/fmnist_students/progressive-1"]),
 }
 #: Files the device tool brings back (8 at most, 16 MiB each).
 MAX_FILES, MAX_BYTES = 8, 16 * 2 ** 20
