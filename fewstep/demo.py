@@ -330,6 +330,9 @@ def cost_text(record: dict | None) -> str:
     if "wall_seconds" in training:
         parts.append(f"{training['wall_seconds'] / 60:.0f} min")
     parts += [f"{k} {v}" for k, v in training.items() if k not in ("updates", "wall_seconds")]
+    for key in ("generator_init", "student_init"):  # a student that started from another adds that one's cost
+        if (record or {}).get(key):
+            parts.append(f"from {Path(record[key]).name}")
     return ", ".join(parts)
 
 

@@ -63,6 +63,8 @@ def test_students_are_discovered_by_their_json_with_their_cost(report, students)
     assert rows["progressive-2"].nfe == 2
     assert cost_text(rows["zz-another-method"].student) == "10 updates, 2 min, teacher_calls 640"
     assert cost_text({}) == "not recorded"
+    assert cost_text({"training": {"updates": 800}, "generator_init": "students/progressive-1"}) == \
+        "800 updates, from progressive-1"
     # the same network: the same FD, whatever the folder is called
     assert rows["zz-another-method"].fd == rows["progressive-1"].fd
 
