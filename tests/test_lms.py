@@ -8,11 +8,6 @@ only ``k_diffusion/utils.py`` and ``k_diffusion/sampling.py`` are executed. Inst
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -20,10 +15,8 @@ import torch
 from fewstep.samplers import ContinuousVPSchedule, EDMSchedule, Sampler, TimeUniform
 from fewstep.samplers.lms import LMS, lms_coefficients
 
-try:  # the testbed is moving from fewstep.samplers to fewstep.testbed
-    from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
-except ImportError:  # pragma: no cover - before the move
-    from fewstep.samplers.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
+from fewstep.testbed import ExactDenoiser, GaussianMixture, mixture_pf_ode_solution
+from _k_diffusion import k_diffusion_sampling
 
 MIX = GaussianMixture(means=[[1.0, -1.0, 0.5, 0.0], [-1.0, 0.5, 0.0, 1.0]],
                       variances=[[0.3, 0.2, 0.5, 0.4], [0.2, 0.5, 0.3, 0.6]])
@@ -40,28 +33,8 @@ def x_start(n=64):
 @pytest.fixture(scope="module")
 def k_sampling():
     """``k_diffusion.sampling``, loaded by file path under a bare ``k_diffusion`` package."""
-    for dep in ("scipy", "torchsde", "torchdiffeq"):
-        pytest.importorskip(dep)
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    root = pathlib.Path(list(spec.submodule_search_locations)[0])
-    saved = {k: v for k, v in sys.modules.items() if k == "k_diffusion" or k.startswith("k_diffusion.")}
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = [str(root)]
-    sys.modules["k_diffusion"] = pkg
-    try:
-        for name in ("utils", "sampling"):
-            s = importlib.util.spec_from_file_location(f"k_diffusion.{name}", root / f"{name}.py")
-            module = importlib.util.module_from_spec(s)
-            sys.modules[s.name] = module
-            s.loader.exec_module(module)
-            setattr(pkg, name, module)
-        yield pkg.sampling
-    finally:
-        for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    with k_diffusion_sampling() as sampling:
+        yield sampling
 
 
 def test_coefficients_match_k_diffusion(k_sampling):
