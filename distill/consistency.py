@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ..samplers import Denoiser
 from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
+from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
-from .students import student_denoiser
 from .targets import addim_transfer, consistency_target, inverse_ddim, pseudo_huber, snr_plus_one_weight
 
 __all__ = ["annealed_teacher_steps", "segment_grid", "consistency_loss", "MultistepConsistency"]
@@ -86,7 +86,8 @@ def _student_at(student: Denoiser, z_s: Tensor, s: Tensor, bootstrap: Tensor) ->
     x_ref = torch.zeros_like(z_s)
     if bootstrap.any():
         rows = bootstrap.to(z_s.device)
-        x_ref[rows] = student(z_s[rows], s[bootstrap]).x0
+        subset = student.rows(rows) if hasattr(student, "rows") else student  # conditions of those rows
+        x_ref[rows] = subset(z_s[rows], s[bootstrap]).x0
     return x_ref
 
 
@@ -103,7 +104,8 @@ class MultistepConsistency(Method):
                  teacher_steps: int = 64, teacher_steps_end: int = 1280, anneal_updates: int = 100_000,
                  variant: str = "distillation", prediction_type: str = "v_prediction", huber_c: float = 1e-4,
                  xvar_frac: float = 0.75, optim: OptimizerConfig | None = None, student: nn.Module | None = None,
-                 timesteps: Timesteps | None = None, student_init: str | None = None):
+                 timesteps: Timesteps | None = None, student_init: str | None = None,
+                 conditioning: Conditioning | None = None):
         if not isinstance(student_steps, int) or student_steps < 1:
             raise ValueError(f"student_steps must be an integer >= 1, got {student_steps!r}")
         if variant not in ("distillation", "training"):
@@ -120,8 +122,12 @@ class MultistepConsistency(Method):
         self.student_init = student_init  # where ``student`` came from, for the recipe
         self.timesteps = timesteps if timesteps is not None else DiffusersSpacing("trailing")
         self.max_steps = getattr(schedule, "num_train_timesteps", None)
+        self.cond = conditioning or Conditioning()
+        if variant == "training" and self.cond.guidance.active:
+            raise ValueError("consistency training (variant training) has no teacher to guide; use guidance.mode none")
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if variant == "distillation" else None
-        self.student = copy.deepcopy(teacher if student is None else student).train().requires_grad_(True)
+        self.student = (self.cond.student_network(teacher) if student is None
+                        else copy.deepcopy(student).train().requires_grad_(True))
         self.optim = optim or OptimizerConfig(lr=1e-4)
         self._grids: dict[int, Grid] = {}
 
@@ -145,13 +151,15 @@ class MultistepConsistency(Method):
         return segment_grid(self.grid_at(0), self.student_steps)
 
     def train_step(self, ctx, batch):
+        x, cond = split_batch(batch)
         grid = self.grid_at(ctx.step)
-        point = ctx.randint(grid.n_steps, batch.shape[0])
-        noise = ctx.randn(*batch.shape)
-        teacher = (student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)
+        point = ctx.randint(grid.n_steps, x.shape[0])
+        noise = ctx.randn(*x.shape)
+        cond = self.cond.draw(ctx, cond, x.shape[0])
+        teacher = (self.cond.teacher(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)
                    if self.teacher is not None else None)
-        student = student_denoiser(ctx.net("student"), self.schedule, self.prediction_type)
-        loss = consistency_loss(student, teacher, batch, grid, self.student_steps, point, noise, self.huber_c,
+        student = self.cond.student(ctx.net("student"), self.schedule, self.prediction_type, cond)
+        loss = consistency_loss(student, teacher, x, grid, self.student_steps, point, noise, self.huber_c,
                                 self.xvar_frac).mean()
         return {"loss": ctx.update("student", loss)}
 
@@ -163,4 +171,4 @@ class MultistepConsistency(Method):
                 "anneal_updates": self.anneal_updates, "variant": self.variant, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "huber_c": self.huber_c,
                 "xvar_frac": self.xvar_frac, "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule),
-                **({"student_init": self.student_init} if self.student_init else {})}
+                **({"student_init": self.student_init} if self.student_init else {}), **self.cond.recipe()}

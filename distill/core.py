@@ -310,6 +310,11 @@ class StepContext:
         rows, mine = self._global_rows(shape[0])
         return torch.randn((rows, *shape[1:]), generator=self.generator)[mine].to(self.device)
 
+    def rand(self, rows: int) -> Tensor:
+        """``rows`` uniform numbers in ``[0, 1)`` for this process's rows, drawn like ``randn``."""
+        total, mine = self._global_rows(rows)
+        return torch.rand((total,), generator=self.generator, dtype=torch.float64)[mine].to(self.device)
+
     def randint(self, high: int, rows: int) -> Tensor:
         """``rows`` integers in ``[0, high)`` for this process's rows, drawn like ``randn``."""
         total, mine = self._global_rows(rows)
@@ -406,10 +411,19 @@ def data_fingerprint(dataset: Dataset, samples: int = 8) -> dict:
     n = len(dataset)
     h = hashlib.sha256()
     for i in sorted({round(k * (n - 1) / max(samples - 1, 1)) for k in range(samples)}) if n else []:
-        item = dataset[i]
-        item = item[0] if isinstance(item, (tuple, list)) else item
-        h.update(torch.as_tensor(item).detach().cpu().contiguous().numpy().tobytes())
+        for tensor in _tensors(dataset[i]):
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return {"examples": n, "sha256": h.hexdigest()[:16]}
+
+
+def _tensors(item) -> list[Tensor]:
+    """An example's tensors in a fixed order: a tensor, a tuple's first element, or a (nested) dict's values
+    by sorted key (conditional data: the image or latent and its condition)."""
+    if isinstance(item, dict):
+        return [t for key in sorted(item) for t in _tensors(item[key])]
+    if isinstance(item, (tuple, list)):
+        return _tensors(item[0])
+    return [torch.as_tensor(item)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +614,7 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
             return path
 
         loader = None
-        if method.needs_data:
+        if dataset is not None:  # data, or (a data-free method of a conditional teacher) conditions only
             sampler = StepBatchSampler(len(dataset), config.batch_size, config.accumulation, config.seed,
                                        state.step, stop)
             loader = iter(accelerator.prepare(DataLoader(dataset, batch_sampler=sampler, num_workers=0)))
@@ -663,6 +677,7 @@ def _advance(state: TrainState, rounds: list[int]) -> None:
 
 
 def _first(batch):
+    """A tensor batch, or a dict batch (``{"x": ..., "cond": {...}}``: conditional data) as it is."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..samplers.timesteps import DiffusersSpacing, Grid
+from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
 from .fdiv import (F_DIVERGENCES, bin_index, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
                    normalise_by_bins, normalise_weight, sid_loss, sim_loss, vsd_loss)
 from .progressive import check_student_steps
-from .students import student_denoiser
 
 __all__ = ["OBJECTIVES", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
 
@@ -140,7 +140,8 @@ class DistributionMatching(Method):
                  ratio_bins: int = 10, ratio_ema: float = 0.0, min_t: float = 0.02, max_t: float = 0.98,
                  distance: str = "pseudo_huber", huber_c: float = 1.0, sid_alpha: float = 1.2,
                  optim: OptimizerConfig | None = None, critic_optim: OptimizerConfig | None = None,
-                 generator_init: nn.Module | None = None, name: str | None = None):
+                 generator_init: nn.Module | None = None, name: str | None = None,
+                 conditioning: Conditioning | None = None):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         if f not in F_DIVERGENCES:
@@ -180,9 +181,12 @@ class DistributionMatching(Method):
             sim_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), distance, huber_c)  # validates
         self.optim = optim or OptimizerConfig(lr=1e-5, weight_decay=0.01, grad_clip=10.0)
         self.critic_optim = critic_optim or dataclasses.replace(self.optim, ema_decay=None)
+        self.cond = conditioning or Conditioning()
         self.teacher = teacher.eval().requires_grad_(False)
-        self.generator = copy.deepcopy(teacher if generator_init is None else generator_init).train().requires_grad_(True)
-        self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        # generator and fake score: the student's kind of network (with the guidance input when w-conditioned)
+        self.generator = (self.cond.student_network(teacher) if generator_init is None
+                          else copy.deepcopy(generator_init).train().requires_grad_(True))
+        self.fake = self.cond.student_network(teacher)
         self.features = None
         if discriminator:
             block, self._disc_channels = _mid_block(self.teacher)
@@ -207,7 +211,7 @@ class DistributionMatching(Method):
         keys = ("objective", "f", "prediction_type", "teacher_prediction_type", "update_ratio", "discriminator",
                 "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema", "min_t", "max_t",
                 "distance", "huber_c", "sid_alpha")
-        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule)}
+        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **self.cond.recipe()}
 
     def student_info(self) -> dict:
         """What the exported student's ``fewstep_student.json`` records about its training."""
@@ -238,18 +242,22 @@ class DistributionMatching(Method):
         t = first + ctx.randint(last - first + 1, rows)
         return t.double(), (t - first).float() / max(last - first, 1)
 
-    def _generate(self, ctx, module: nn.Module, rows: int, like_shape) -> Tensor:
+    def _generate(self, ctx, module: nn.Module, rows: int, like_shape, cond) -> Tensor:
         z = ctx.randn(rows, *like_shape)
-        gen = student_denoiser(module, self.schedule, self.prediction_type)
+        gen = self.cond.student(module, self.schedule, self.prediction_type, cond)
         return gen(z, self.grid.t[0].expand(rows)).x0
 
     def _shape(self):
+        if self.cond.family is not None:
+            return self.cond.family.sample_shape()
         cfg = getattr(self.teacher, "config", None)
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
-    def _rows(self, ctx, batch) -> int:
-        if batch is not None:
-            return batch.shape[0]
+    def _rows(self, ctx, x, cond) -> int:
+        if x is not None:
+            return x.shape[0]
+        if cond:
+            return next(iter(cond.values())).shape[0]
         acc = ctx.state.accelerator
         return ctx.config.batch_size // ctx.config.accumulation // acc.num_processes
 
@@ -257,52 +265,56 @@ class DistributionMatching(Method):
         acc = ctx.state.accelerator
         return acc.reduce(value.clone(), reduction="sum") if acc.num_processes > 1 else value
 
-    def _teacher(self, ctx, x_t: Tensor, t: Tensor):
-        return student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)(x_t, t).x0
+    def _teacher(self, ctx, x_t: Tensor, t: Tensor, cond):
+        return self.cond.teacher(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)(x_t, t).x0
 
     # -- the step -------------------------------------------------------------------------------
 
     def train_step(self, ctx, batch):
-        rows = self._rows(ctx, batch)
-        shape = tuple(batch.shape[1:]) if batch is not None else self._shape()
-        losses = self._critic_step(ctx, batch, rows, shape)
+        data, cond = split_batch(batch)
+        rows = self._rows(ctx, data, cond)
+        shape = tuple(data.shape[1:]) if data is not None else self._shape()
+        cond = self.cond.draw(ctx, cond, rows)
+        losses = self._critic_step(ctx, data, cond, rows, shape)
         if (ctx.step + 1) % self.update_ratio == 0:
-            losses.update(self._generator_step(ctx, rows, shape))
+            losses.update(self._generator_step(ctx, cond, rows, shape))
         return losses
 
-    def _critic_step(self, ctx, batch, rows, shape) -> dict[str, Tensor]:
+    def _critic_step(self, ctx, batch, cond, rows, shape) -> dict[str, Tensor]:
         with torch.no_grad():
-            x = self._generate(ctx, ctx.state.unwrapped("generator"), rows, shape)
+            x = self._generate(ctx, ctx.state.unwrapped("generator"), rows, shape, cond)
         t, _ = self._times(ctx, rows, 0.0, 1.0)
         noise = ctx.randn(rows, *shape)
         a, s = self._coef(t, x)
         x_t = a * x + s * noise
-        pred = student_denoiser(ctx.net("fake"), self.schedule, self.teacher_prediction_type)(x_t, t)
+        fake_cond = self.cond.drop(ctx, cond, rows)  # a guided fake score also learns the null condition
+        pred = self.cond.student(ctx.net("fake"), self.schedule, self.teacher_prediction_type, fake_cond)(x_t, t)
         out = {"fake": ctx.update("fake", dsm_loss(pred, x, noise, a, s, self.teacher_prediction_type))}
         if self.discriminator:
-            out.update(self._disc_step(ctx, batch, x, rows, shape))
+            out.update(self._disc_step(ctx, batch, cond, x, rows, shape))
         return out
 
-    def _feats(self, ctx, x_t: Tensor, t: Tensor) -> Tensor:
-        self._teacher(ctx, x_t, t)
+    def _feats(self, ctx, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """The frozen teacher's mid-block features at ``(x_t, t)`` under the plain (unguided) condition."""
+        self.cond.plain(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)(x_t, t)
         return self.features.value
 
-    def _disc_step(self, ctx, batch, x, rows, shape) -> dict[str, Tensor]:
+    def _disc_step(self, ctx, batch, cond, x, rows, shape) -> dict[str, Tensor]:
         t_fake, _ = self._times(ctx, rows, self.min_t, self.max_t)
         t_real, _ = self._times(ctx, rows, self.min_t, self.max_t)
         a_f, s_f = self._coef(t_fake, x)
         a_r, s_r = self._coef(t_real, x)
         real_t = a_r * batch + s_r * ctx.randn(rows, *shape)
         with torch.no_grad():
-            f_fake = self._feats(ctx, a_f * x + s_f * ctx.randn(rows, *shape), t_fake)
-            f_real = self._feats(ctx, real_t, t_real)
+            f_fake = self._feats(ctx, a_f * x + s_f * ctx.randn(rows, *shape), t_fake, cond)
+            f_real = self._feats(ctx, real_t, t_real, cond)
         disc = ctx.net("disc")
         logit_real = disc(f_real)
         loss = F.softplus(disc(f_fake)).mean() + F.softplus(-logit_real).mean()
         out = {}
         if self.r1_weight > 0:  # finite-difference R1 (FastGen's approximation) on the real inputs
             with torch.no_grad():
-                f_near = self._feats(ctx, real_t + self.r1_sigma * ctx.randn(rows, *shape), t_real)
+                f_near = self._feats(ctx, real_t + self.r1_sigma * ctx.randn(rows, *shape), t_real, cond)
             r1 = (disc(f_near) - logit_real).float().square().mean()
             loss = loss + self.r1_weight * r1
             out["r1"] = r1.detach()
@@ -327,8 +339,8 @@ class DistributionMatching(Method):
         count = self._all_sum(ctx, torch.tensor(float(h.numel()), device=h.device))
         return normalise_weight(h, self._all_sum(ctx, h.sum()), count)
 
-    def _generator_step(self, ctx, rows, shape) -> dict[str, Tensor]:
-        x = self._generate(ctx, ctx.net("generator"), rows, shape)
+    def _generator_step(self, ctx, cond, rows, shape) -> dict[str, Tensor]:
+        x = self._generate(ctx, ctx.net("generator"), rows, shape, cond)
         t, t_frac = self._times(ctx, rows, self.min_t, self.max_t)
         a, s = self._coef(t, x)
         x_t = a * x + s * ctx.randn(rows, *shape)
@@ -339,8 +351,8 @@ class DistributionMatching(Method):
         with _frozen_params(fake, disc):
             if self.objective in ("sim", "sid"):
                 # through x_t everywhere: the teacher's and the fake network's inputs, not their weights
-                x_teacher = self._teacher(ctx, x_t, t)
-                x_fake = student_denoiser(fake, self.schedule, self.teacher_prediction_type)(x_t, t).x0
+                x_teacher = self._teacher(ctx, x_t, t, cond)
+                x_fake = self.cond.fake(fake, self.schedule, self.teacher_prediction_type, cond)(x_t, t).x0
                 if self.objective == "sim":
                     per = sim_loss(x, x_teacher, x_fake, self.distance, self.huber_c)
                 else:
@@ -348,11 +360,13 @@ class DistributionMatching(Method):
                 per = torch.nan_to_num(per.float()) * dmd_normaliser(x, x_teacher)
                 loss = per.mean() / numel
             else:
-                with torch.set_grad_enabled(self.gan_weight > 0):  # the GAN term back-propagates through the teacher
-                    x_teacher = self._teacher(ctx, x_t if self.gan_weight > 0 else x_t.detach(), t)
-                    logit = disc(self.features.value) if self.discriminator else None
+                logit = None
+                if self.discriminator:
+                    with torch.set_grad_enabled(self.gan_weight > 0):  # the GAN term back-propagates through the teacher
+                        logit = disc(self._feats(ctx, x_t if self.gan_weight > 0 else x_t.detach(), t, cond))
                 with torch.no_grad():
-                    x_fake = student_denoiser(fake, self.schedule, self.teacher_prediction_type)(x_t.detach(), t).x0
+                    x_teacher = self._teacher(ctx, x_t.detach(), t, cond)
+                    x_fake = self.cond.fake(fake, self.schedule, self.teacher_prediction_type, cond)(x_t.detach(), t).x0
                 h = self._ratio_weight(ctx, logit, t_frac) if self.discriminator else 1.0
                 weight = dmd_normaliser(x, x_teacher) if self.objective == "f_distill" else 1.0
                 loss = vsd_loss(x, matching_gradient(x_fake, x_teacher, h, weight)).mean() / numel

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ..samplers import Denoiser
 from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
+from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
-from .students import student_denoiser
 from .targets import ddim_transfer, progressive_target, snr_plus_one_weight, truncated_snr_weight
 
 __all__ = ["WEIGHTINGS", "halve", "progressive_loss", "round_steps", "check_student_steps", "ProgressiveDistillation"]
@@ -107,7 +107,7 @@ class ProgressiveDistillation(Method):
     def __init__(self, teacher: nn.Module, teacher_prediction_type: str, schedule, start_steps: int = 64,
                  end_steps: int = 1, prediction_type: str = "v_prediction", weighting: str = "truncated_snr",
                  optim: OptimizerConfig | None = None, on_student=None, student: nn.Module | None = None,
-                 timesteps: Timesteps | None = None):
+                 timesteps: Timesteps | None = None, conditioning: Conditioning | None = None):
         self.students_steps = round_steps(start_steps, end_steps)
         check_student_steps(prediction_type, min(self.students_steps))
         if weighting not in WEIGHTINGS:
@@ -117,10 +117,12 @@ class ProgressiveDistillation(Method):
         self.start_steps, self.end_steps = start_steps, end_steps
         self.timesteps = timesteps if timesteps is not None else DiffusersSpacing("trailing")
         self.base_grid = self.timesteps.grid(schedule, start_steps, final="zero")
+        self.cond = conditioning or Conditioning()
         self.teacher = teacher.eval().requires_grad_(False)
         # The student starts as the teacher (or as the network given); from round 1 on, the teacher is the
         # previous round's student, a frozen copy of its architecture.
-        self.student = copy.deepcopy(teacher if student is None else student).train().requires_grad_(True)
+        self.student = (self.cond.student_network(teacher) if student is None
+                        else copy.deepcopy(student).train().requires_grad_(True))
         self.previous = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.optim = optim or OptimizerConfig(lr=5e-5, anneal="linear")
         self.on_student = on_student
@@ -151,16 +153,18 @@ class ProgressiveDistillation(Method):
         state.load_weights("previous", finished)  # teacher <- student
 
     def train_step(self, ctx, batch):
+        x, cond = split_batch(batch)
         grid = self.teacher_grid(ctx.round)
         n = grid.n_steps // 2
-        index = ctx.randint(n, batch.shape[0])
-        noise = ctx.randn(*batch.shape)
-        if ctx.round == 0:
-            teacher = student_denoiser(ctx.net("teacher"), self.schedule, self.teacher_prediction_type)
+        index = ctx.randint(n, x.shape[0])
+        noise = ctx.randn(*x.shape)
+        cond = self.cond.draw(ctx, cond, x.shape[0])
+        if ctx.round == 0:  # the teacher, guided as configured; later rounds: the previous student
+            teacher = self.cond.teacher(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)
         else:
-            teacher = student_denoiser(ctx.net("previous"), self.schedule, self.prediction_type)
-        student = student_denoiser(ctx.net("student"), self.schedule, self.prediction_type)
-        loss = progressive_loss(student, teacher, batch, grid, index, noise, self.weighting).mean()
+            teacher = self.cond.student(ctx.net("previous"), self.schedule, self.prediction_type, cond)
+        student = self.cond.student(ctx.net("student"), self.schedule, self.prediction_type, cond)
+        loss = progressive_loss(student, teacher, x, grid, index, noise, self.weighting).mean()
         return {"loss": ctx.update("student", loss)}
 
     def final_student(self, state):
@@ -170,4 +174,4 @@ class ProgressiveDistillation(Method):
     def recipe(self) -> dict:
         return {"start_steps": self.start_steps, "end_steps": self.end_steps, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "weighting": self.weighting,
-                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule)}
+                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **self.cond.recipe()}

@@ -1,9 +1,12 @@
-"""``fewstep distill``: train a few-step student from a diffusers DDPM teacher on the training core.
+"""``fewstep distill``: train a few-step student from a diffusers pipeline teacher on the training core.
 
-    fewstep distill --config configs/distill/progressive_fmnist.yaml [train.steps=... KEY=VALUE ...]
+    fewstep distill --config configs/distill/progressive_fmnist.yaml [teacher=DIR train.steps=... KEY=VALUE ...]
 
-Students are exported as they finish (PD: one per round) to ``students_dir/<method>-<steps>``, each a
-``DDPMPipeline`` folder that ``fewstep.distill.load_student`` turns into a sampler. A killed run resumes
+The teacher is any pipeline folder of a supported family (``fewstep.distill.families``); its data and
+conditions are prepared once in its own space (``prepare``) and guidance is set by ``guidance:``
+(``conditioning``). Students are exported as they finish (PD: one per round) to
+``students_dir/<method>-<steps>``, each the teacher's own pipeline class with the student network and a
+scheduler that runs its grid, which ``fewstep.distill.load_student`` turns into a sampler. A killed run resumes
 from its last checkpoint with the same command; ``train.output_dir`` also gets ``history.json`` and
 ``training_curves.png``.
 """
@@ -15,25 +18,22 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
 
-from fewstep.config import DistillConfig, TrainConfig, given
-from fewstep.data import load_images
+from fewstep.config import DistillConfig, TrainConfig
 from fewstep.io import atomic_write_bytes
 
+from .conditioning import Conditioning, Guidance
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit, from_train_config
+from .families import Family, TeacherError, load_teacher
 from .matching import DistributionMatching
+from .prepare import prepare_data
 from .progressive import ProgressiveDistillation
 from .students import diffusers_reproducible, export_student
 
 __all__ = ["METHODS", "distill", "core_settings", "plot_history", "cli"]
 
 METHODS = ("progressive", "consistency", "fdistill", "sim")
-
-#: diffusers scheduler classes whose config is a DDPM-family (discrete VP) noise schedule.
-_DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                "EulerDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler")
 
 
 def core_settings(train: TrainConfig, anneal: str) -> tuple[CoreConfig, OptimizerConfig]:
@@ -43,51 +43,65 @@ def core_settings(train: TrainConfig, anneal: str) -> tuple[CoreConfig, Optimize
     return core, dataclasses.replace(optim, anneal=anneal, ema_decay=train.ema_decay or None)
 
 
-def _load_teacher(path: str | None):
-    from diffusers import DDPMPipeline
-
-    from fewstep.samplers.schedules import DiscreteVPSchedule
+def _load_teacher(path: str | None) -> Family:
     from fewstep.teachers import FMNIST
 
-    path = Path(path) if path is not None else FMNIST
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"teacher {path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DDPMPipeline.from_pretrained(path)
-    config = dict(pipe.scheduler.config)
-    name = config.get("_class_name", type(pipe.scheduler).__name__)
-    if name not in _DDPM_FAMILY or config.get("use_flow_sigmas") or config.get("use_karras_sigmas"):
-        raise ValueError(f"teacher {path} has a {name} schedule; distillation here needs a DDPM-family (discrete "
-                         "VP) schedule such as DDPMScheduler's")
-    schedule = DiscreteVPSchedule.from_diffusers_config(config)
-    return pipe.unet.eval(), config, schedule, config.get("prediction_type", "epsilon"), path
+    return load_teacher(Path(path) if path is not None else FMNIST)
 
 
-def _method(config: DistillConfig, unet, prediction_type: str, schedule, optim: OptimizerConfig, on_student):
+def _conditioning(config: DistillConfig, family: Family) -> Conditioning:
+    g = config.guidance
+    guidance = Guidance(mode=g.mode, scale=g.scale, scale_range=tuple(g.scale_range), fake_guided=g.fake_guided,
+                        fake_dropout=g.fake_dropout)
+    if guidance.active and not family.conditional:
+        raise TeacherError(f"guidance.mode {g.mode} needs a conditional teacher; the {family.name} at {family.path} "
+                           "is unconditional")
+    if guidance.mode == "conditioned" and not family.accepts_guidance_input:
+        family.with_guidance_input(family.denoiser_network)  # raises, saying why
+    if g.fake_guided and config.method not in ("fdistill", "sim"):
+        raise ValueError("guidance.fake_guided is for fdistill and sim (they have a fake score)")
+    null = None
+    if g.negative_prompt is not None:
+        if family.condition_kind != "text":
+            raise TeacherError(f"guidance.negative_prompt is for text teachers; the {family.name} takes "
+                               f"{family.condition_kind or 'no'} conditions")
+        null = {k: v[:1] for k, v in family.encode([g.negative_prompt]).items()}
+    return Conditioning(family, guidance, null)
+
+
+def _method(config: DistillConfig, family: Family, cond: Conditioning, optim: OptimizerConfig, on_student):
+    unet, prediction_type, schedule = family.denoiser_network, family.prediction_type, family.schedule
     if config.method == "progressive":
         pd = config.progressive
         return ProgressiveDistillation(unet, prediction_type, schedule, pd.start_steps, pd.end_steps,
-                                       pd.prediction_type, pd.weighting, optim, on_student)
+                                       pd.prediction_type, pd.weighting, optim, on_student, conditioning=cond)
     if config.method == "consistency":
         cm = config.consistency
-        init = None if cm.student_init is None else _student_init(cm.student_init, cm.prediction_type, "student_init")
+        init = None
+        if cm.student_init is not None:
+            init = _student_init(cm.student_init, cm.prediction_type, "student_init", family, config.guidance)
         return MultistepConsistency(unet, prediction_type, schedule, cm.student_steps, cm.teacher_steps,
                                     cm.teacher_steps_end, cm.anneal_updates, cm.variant, cm.prediction_type,
-                                    cm.huber_c, cm.xvar_frac, optim, student=init, student_init=cm.student_init)
+                                    cm.huber_c, cm.xvar_frac, optim, student=init, student_init=cm.student_init,
+                                    conditioning=cond)
     if config.method in ("fdistill", "sim"):
-        return _matching(config, unet, prediction_type, schedule, optim)
+        return _matching(config, family, cond, optim)
     raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
 
 
-def _matching(config: DistillConfig, unet, prediction_type: str, schedule, optim: OptimizerConfig):
+def _matching(config: DistillConfig, family: Family, cond: Conditioning, optim: OptimizerConfig):
     """f-distill (``fdistill:``) or SIM (``sim:``): one-step generators; the critics share ``train:``'s
     optimizer settings except their learning rate (``critic_lr``) and keep no EMA."""
+    unet, prediction_type, schedule = family.denoiser_network, family.prediction_type, family.schedule
     section = getattr(config, config.method)
     critic = dataclasses.replace(optim, lr=section.critic_lr or optim.lr, ema_decay=None)
     init = None
     if section.generator_init is not None:
-        init = _student_init(section.generator_init, section.prediction_type, "generator_init")
+        init = _student_init(section.generator_init, section.prediction_type, "generator_init", family,
+                             config.guidance)
     common = dict(prediction_type=section.prediction_type, update_ratio=section.update_ratio, min_t=section.min_t,
-                  max_t=section.max_t, optim=optim, critic_optim=critic, generator_init=init, name=config.method)
+                  max_t=section.max_t, optim=optim, critic_optim=critic, generator_init=init, name=config.method,
+                  conditioning=cond)
     if config.method == "fdistill":
         if section.variant not in ("f_distill", "diff_instruct"):
             raise ValueError(f"fdistill.variant must be 'f_distill' or 'diff_instruct', got {section.variant!r}")
@@ -102,59 +116,65 @@ def _matching(config: DistillConfig, unet, prediction_type: str, schedule, optim
                                 huber_c=section.huber_c, sid_alpha=section.sid_alpha, **common)
 
 
-def _student_init(path: str, prediction_type: str, key: str):
-    """The UNet of an exported student (the start of a new one: ``key``), checked to predict what the new
-    student predicts."""
-    from diffusers import UNet2DModel
+def _student_init(path: str, prediction_type: str, key: str, family: Family, guidance):
+    """The network of an exported student (the start of a new one: ``key``), checked to be a student of this
+    teacher, of the same network class, predicting what the new student predicts, with the same guidance."""
+    from .students import read_student_record
 
-    from .students import STUDENT_FILE
-
-    record_path = Path(path) / STUDENT_FILE
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{key} {path} is not a fewstep student (no {STUDENT_FILE})")
-    record = json.loads(record_path.read_text())
+    record = read_student_record(path, key)
+    teacher = record.get("teacher")
+    teacher_id = family.describe()["id"]
+    if not isinstance(teacher, dict) or teacher.get("id") != teacher_id:
+        came = teacher.get("id") if isinstance(teacher, dict) else "an unrecorded teacher"
+        raise TeacherError(f"{key} {path} was distilled from another teacher ({came}, not {family.path}'s "
+                           f"{teacher_id}); start from a student of this teacher, or set {key} null")
     if record["prediction_type"] != prediction_type:
-        raise ValueError(f"{key} {path} predicts {record['prediction_type']!r}, the new student "
-                         f"{prediction_type!r}")
-    return UNet2DModel.from_pretrained(Path(path) / "unet")
+        raise TeacherError(f"{key} {path} predicts {record['prediction_type']!r}, the new student "
+                           f"{prediction_type!r}")
+    mode = record.get("guidance", {}).get("mode", "none")
+    if mode != guidance.mode:
+        raise TeacherError(f"{key} {path} was trained with guidance.mode {mode}, this run has {guidance.mode}")
+    net_class = type(family.denoiser_network)
+    try:
+        return net_class.from_pretrained(Path(path) / family.network)
+    except (OSError, ValueError, TypeError) as err:
+        raise TeacherError(f"{key} {path} has no {net_class.__name__} {family.network!r} like the teacher's: "
+                           f"{err}") from None
 
 
 def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
     """Train (resuming when a checkpoint exists) and export the students; returns their folders."""
     if config.method not in METHODS:
         raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
-    unet, scheduler_config, schedule, teacher_type, teacher_path = _load_teacher(config.teacher)
+    family = _load_teacher(config.teacher)
+    cond = _conditioning(config, family)
     anneal = getattr(config, config.method).anneal
     core, optim = core_settings(config.train, anneal)
     students_dir = Path(config.students_dir or Path(core.output_dir) / "students")
     exported: list[Path] = []
+    section = getattr(config, config.method)
 
     def on_student(steps: int, module, grid, state) -> None:
-        prediction_type = getattr(config, config.method).prediction_type
-        if not diffusers_reproducible(scheduler_config, grid, prediction_type):
+        prediction_type = section.prediction_type
+        if not diffusers_reproducible(family.scheduler_config, grid, prediction_type):
             print(f"not exporting the {steps}-step student: diffusers' DDIM cannot visit its grid "
-                  f"({scheduler_config.get('num_train_timesteps', 1000)}"
+                  f"({family.scheduler_config.get('num_train_timesteps', 1000)}"
                   f" training steps / {steps} is not an integer)")
             return
-        info = {"method": config.method, "teacher": str(teacher_path), "training": _cost(state),
+        info = {"method": config.method, "training": _cost(state),
                 **(method.student_info() if hasattr(method, "student_info") else {})}
-        section = getattr(config, config.method)
         for key in ("generator_init", "student_init"):  # where the student started, when not the teacher
             if getattr(section, key, None):
                 info[key] = getattr(section, key)
-        exported.append(export_student(module, scheduler_config, grid, prediction_type,
-                                       students_dir / f"{config.method}-{steps}", info))
+        exported.append(export_student(module, family.scheduler_config, grid, prediction_type,
+                                       students_dir / f"{config.method}-{steps}", info, family=family,
+                                       guidance=config.guidance))
 
     torch.manual_seed(core.seed)
-    method = _method(config, unet, teacher_type, schedule, optim, on_student)
-    dataset = None
-    if method.needs_data:  # f-distill without its discriminator and SIM are data-free
-        data = load_images(**given(config.data))
-        expected = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        if tuple(data.shape[1:]) != expected:
-            raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the teacher's {expected} input")
-        dataset = TensorDataset(data)
-    result = fit(method, core, dataset, max_steps=max_steps)
+    method = _method(config, family, cond, optim, on_student)
+    cache = Path(config.cache) if config.cache else Path(core.output_dir) / "prepared_data.pt"
+    # fit loads the data only once the output folder is known to be writable and free
+    result = fit(method, core, lambda: prepare_data(family, config, method.needs_data, cache), max_steps=max_steps)
     out = Path(core.output_dir)
     atomic_write_bytes(out / "history.json", json.dumps(result.history, indent=1).encode())
     if result.history:

@@ -1,10 +1,12 @@
 """Students are samplers: a distilled network plus the DDIM grid it was trained for.
 
-A student folder is a diffusers ``DDPMPipeline`` (its UNet and a ``DDIMScheduler`` whose trailing
-timesteps are the student's grid, no clipping), so ``DDPMPipeline.from_pretrained(path)`` loads it
-offline and ``pipe(num_inference_steps=steps)`` reproduces its sampling, plus ``fewstep_student.json``
-(method, steps, grid, prediction type, training cost). ``load_student(path)`` returns it as a
-``Sampler`` with NFE = its steps, so the FID harness and sweeps treat it like any sampler.
+A student folder is its teacher's own pipeline class (``StableDiffusionPipeline``, ``DiTPipeline``,
+``DDPMPipeline``, ...: the student network, the teacher's other components, and a ``DDIMScheduler`` whose
+trailing timesteps are the student's grid, no clipping), so ``<Pipeline>.from_pretrained(path)`` loads it
+offline and ``pipe(..., num_inference_steps=steps)`` reproduces its sampling, plus ``fewstep_student.json``
+(method, steps, grid, prediction type, training cost, the teacher's identity, the guidance it learned).
+``load_student(path)`` returns it as a ``Sampler`` with NFE = its steps that takes the teacher's conditions
+(``prompt``, ``class_labels``, ``guidance_scale``), so the FID harness and sweeps treat it like any sampler.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..samplers import Denoiser, ModelDenoiser, Sampler
 from ..samplers.schedules import DiscreteVPSchedule
 from ..samplers.timesteps import ExplicitTimesteps, Grid
 
-__all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "student_denoiser", "student_sampler"]
+__all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "read_student_record",
+           "StudentSampler", "student_denoiser", "student_sampler"]
 
 STUDENT_FILE = "fewstep_student.json"
 
@@ -47,7 +50,8 @@ def student_sampler(denoiser, grid: Grid) -> Sampler:
 
 def _ddim_config(teacher_scheduler_config: dict, prediction_type: str) -> dict:
     config = {k: teacher_scheduler_config[k] for k in _SCHEDULE_KEYS if k in teacher_scheduler_config}
-    return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 0,
+    # steps_offset does not move trailing timesteps; 1 is what StableDiffusionPipeline insists on
+    return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 1,
             "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}
 
 
@@ -70,10 +74,23 @@ def _diffusers_grid_matches(scheduler, times: list[float]) -> bool:
     return visited == [int(t) for t in times] and nexts[:-1] == visited[1:] and nexts[-1] < 0
 
 
+def read_student_record(path: str | os.PathLike, what: str = "student") -> dict:
+    """A student folder's ``fewstep_student.json``, or a one-line error saying it is not a student."""
+    from .families import TeacherError
+
+    record_path = Path(path) / STUDENT_FILE
+    if not record_path.is_file():
+        raise TeacherError(f"{what} {path} is not a fewstep student (no {STUDENT_FILE}); export one with "
+                           "`fewstep distill`")
+    return json.loads(record_path.read_text())
+
+
 def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid, prediction_type: str,
-                   path: str | os.PathLike, info: dict | None = None) -> Path:
-    """Save a student as a ``DDPMPipeline`` folder plus ``fewstep_student.json``, atomically (``atomic_dir``:
-    a killed export never leaves a half-written student)."""
+                   path: str | os.PathLike, info: dict | None = None, family=None, guidance=None) -> Path:
+    """Save a student as its teacher's pipeline class (``family``; a ``DDPMPipeline`` without one) with a
+    ``DDIMScheduler`` that runs its grid, plus ``fewstep_student.json`` (steps, grid, prediction type, the
+    teacher's identity, the guidance it learned), atomically (``atomic_dir``: a killed export never leaves a
+    half-written student)."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
     path = Path(path)
@@ -83,26 +100,120 @@ def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid,
         raise ValueError(f"diffusers' DDIM cannot visit the student grid {times} (its stride is "
                          f"T // {len(times)}); export only students whose steps divide the training timesteps")
     record = {"steps": len(times), "timesteps": times, "prediction_type": prediction_type, **(info or {})}
+    if family is not None:
+        record["teacher"] = family.describe()
+        record["guidance"] = _guidance_record(guidance)
     with atomic_dir(path) as tmp:
-        DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
+        if family is None:
+            DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
+        else:
+            family.export(model, scheduler, tmp)
         (tmp / STUDENT_FILE).write_text(json.dumps(record, indent=1))
     return path
 
 
-def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sampler:
-    """A committed or exported student as a ``Sampler`` (NFE = its steps)."""
-    from diffusers import UNet2DModel
+def _guidance_record(guidance) -> dict:
+    """What a student must know about the guidance it learned: ``none`` (sample it like its teacher, guided
+    or not), ``baked`` at ``scale`` (sample it unguided), or ``conditioned`` on ``scale_range`` (its
+    ``guidance_scale`` is an input)."""
+    if guidance is None or guidance.mode == "none":
+        return {"mode": "none"}
+    if guidance.mode == "baked":
+        return {"mode": "baked", "scale": guidance.scale, "negative_prompt": guidance.negative_prompt}
+    return {"mode": "conditioned", "scale_range": list(guidance.scale_range), "negative_prompt": guidance.negative_prompt}
+
+
+class StudentSampler(Sampler):
+    """A student as a ``Sampler`` (NFE = its steps) that also takes its conditions under diffusers' names
+    and returns images (latent students are decoded by the teacher's autoencoder).
+
+    ``sample(x_T, prompt=..., negative_prompt=..., class_labels=..., guidance_scale=...)``: ``x_T`` in the
+    network's space (``family.sample_shape()``). ``guidance_scale``: a w-conditioned student's input
+    (default: the middle of its range); refused for a guidance-baked student (its guidance is in its
+    weights), classifier-free guidance for an unguided one (as its pipeline would do).
+    """
+
+    def __init__(self, family, record: dict, denoiser, **kwargs):
+        super().__init__(denoiser, "ddim", steps=record["steps"], timesteps=ExplicitTimesteps(record["timesteps"]),
+                         **kwargs)
+        self.family, self.student = family, record
+        self._plain = denoiser
+
+    def conditions(self, prompt=None, negative_prompt=None, class_labels=None, guidance_scale=None,
+                   rows: int | None = None) -> tuple[dict, object]:
+        """``(cond, denoiser)`` for these inputs: the encoded condition and the (guided) denoiser to run."""
+        from .conditioning import GuidedDenoiser
+        from .families import GUIDANCE_KEY, TeacherError
+
+        family, mode = self.family, self.student.get("guidance", {}).get("mode", "none")
+        raw = prompt if prompt is not None else class_labels
+        if prompt is not None and class_labels is not None:
+            raise TeacherError("give prompt or class_labels, not both")
+        if family.conditional and raw is None:
+            what = "prompt" if family.condition_kind == "text" else "class_labels"
+            raise TeacherError(f"this student of a conditional {family.name} teacher needs {what}")
+        if not family.conditional and (raw is not None or negative_prompt is not None):
+            raise TeacherError(f"this student of an unconditional {family.name} teacher takes no conditions")
+        if isinstance(raw, (str, int)):
+            raw = [raw]
+        cond = family.encode(raw) if family.conditional else {}
+        if rows is not None and cond and len(next(iter(cond.values()))) == 1 and rows > 1:
+            cond = {k: v.expand(rows, *v.shape[1:]) for k, v in cond.items()}
+        denoiser = self._plain
+        if mode == "baked" and guidance_scale not in (None, 1, 1.0):
+            raise TeacherError(f"this student has guidance w={self.student['guidance']['scale']} baked in; sample it "
+                               "without guidance_scale (or 1)")
+        if mode == "conditioned":
+            lo, hi = self.student["guidance"]["scale_range"]
+            w = (lo + hi) / 2 if guidance_scale is None else float(guidance_scale)
+            if not lo <= w <= hi:
+                raise TeacherError(f"guidance_scale {w} is outside the range this student learned, [{lo}, {hi}]")
+            n = len(next(iter(cond.values())))
+            cond = {**cond, GUIDANCE_KEY: torch.full((n,), w, device=next(iter(cond.values())).device)}
+        elif mode == "none" and guidance_scale not in (None, 1, 1.0):
+            null = family.encode([negative_prompt]) if negative_prompt is not None else family.null(1)
+            denoiser = GuidedDenoiser(self._plain, {k: v[:1] for k, v in null.items()}, float(guidance_scale))
+        return cond, denoiser
+
+    @torch.no_grad()
+    def sample(self, x_T, generator=None, noise=None, callback=None, progress=False, prompt=None,
+               negative_prompt=None, class_labels=None, guidance_scale=None, output_type: str = "images"):
+        """Images in ``[-1, 1]`` (``output_type="latent"``: what the network denoises) from ``x_T``."""
+        cond, denoiser = self.conditions(prompt, negative_prompt, class_labels, guidance_scale, rows=x_T.shape[0])
+        self.denoiser = _BoundDenoiser(denoiser, cond) if cond else denoiser
+        try:
+            x = super().sample(x_T, generator=generator, noise=noise, callback=callback, progress=progress)
+        finally:
+            self.denoiser = self._plain
+        if output_type == "latent":
+            return x
+        if output_type != "images":
+            raise ValueError(f"output_type must be 'images' or 'latent', got {output_type!r}")
+        return self.family.decode_latents(x) if self.family.latent else x
+
+
+class _BoundDenoiser(Denoiser):
+    def __init__(self, denoiser, cond):
+        super().__init__()
+        self.inner, self.cond, self.schedule = denoiser, cond, denoiser.schedule
+
+    def forward(self, x, t):
+        return self.inner(x, t, **self.cond)
+
+
+def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> StudentSampler:
+    """A committed or exported student as a ``StudentSampler`` (NFE = its steps), loaded through its
+    pipeline family (the teacher's pipeline class)."""
+    from .families import family_of
 
     path = Path(path)
-    record_path = path / STUDENT_FILE
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{path} is not a fewstep student (no {STUDENT_FILE}); export one with "
-                                "`fewstep distill`")
-    record = json.loads(record_path.read_text())
-    unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval().requires_grad_(False)
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    schedule = DiscreteVPSchedule.from_diffusers_config(config)
-    denoiser = student_denoiser(unet, schedule, record["prediction_type"])
-    sampler = Sampler(denoiser, "ddim", steps=record["steps"], timesteps=ExplicitTimesteps(record["timesteps"]))
-    sampler.student = record  # method, training cost, ... for reports
-    return sampler
+    record = read_student_record(path)
+    family = family_of(path).load(path)
+    family.pipe.to(device)
+    net = family.denoiser_network.eval().requires_grad_(False)
+    for module in family.pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.eval().requires_grad_(False)
+    schedule = DiscreteVPSchedule.from_diffusers_config(family.scheduler_config)
+    denoiser = ModelDenoiser(family.call(net), schedule, prediction_type=record["prediction_type"])
+    return StudentSampler(family, record, denoiser)

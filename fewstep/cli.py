@@ -45,6 +45,8 @@ class Command(NamedTuple):
     check: Callable[[dict], None] | None = None  # raises ValueError on bad options
     config: bool = False  # accepts ``--config FILE.yaml`` (keys: the options' dests)
     settings: type | None = None  # a fewstep.config dataclass: ``--config FILE.yaml`` + ``KEY=VALUE``
+    #: exceptions that, out of this command, are the user's to fix (a config, a teacher, data): one line, exit 2
+    user_errors: tuple[type, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,14 +252,16 @@ COMMANDS: dict[str, Command] = {
     "train-teacher": Command("fewstep.distill.teacher", "cli",
                              "train a diffusers UNet2DModel teacher with the training core (accelerate, EMA, "
                              "checkpoints, exact resume); exports a DDPMPipeline (configs/teacher_fmnist.yaml)",
-                             _add_train_teacher_arguments, settings=cfg.TeacherConfig),
+                             _add_train_teacher_arguments, settings=cfg.TeacherConfig,
+                             user_errors=(ValueError, FileNotFoundError)),
     "train-mr": Command("fewstep.distill.mr_train", "cli",
                         "train a mean-reverting (MR) restoration UNet on the training core (configs/mr_fmnist.yaml)",
-                        _add_max_steps, settings=cfg.MRTrainConfig),
+                        _add_max_steps, settings=cfg.MRTrainConfig, user_errors=(ValueError, FileNotFoundError)),
     "distill": Command("fewstep.distill.run", "cli",
-                       "distill a teacher into a few-step student (progressive or multistep consistency) on the "
-                       "training core; exports students as DDPMPipelines (configs/distill/*.yaml)",
-                       _add_max_steps, settings=cfg.DistillConfig),
+                       "distill a teacher pipeline (DDPM, class-conditional UNet, DiT, SD, SDXL, LDM) into a "
+                       "few-step student (progressive, consistency, fdistill, sim) on the training core; exports "
+                       "students as the teacher's own pipeline class (configs/distill/*.yaml)",
+                       _add_max_steps, settings=cfg.DistillConfig, user_errors=(ValueError, FileNotFoundError)),
     "train-classifier": Command("fewstep.eval.classifier", "cli",
                                 "train the Fashion-MNIST classifier whose features give FD-fmnist",
                                 settings=cfg.ClassifierConfig),
@@ -336,6 +340,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         if cmd.config:
             p.add_argument("--config", metavar="FILE.yaml",
                            help="YAML mapping of these options (dest names, e.g. n_samples); flags override it")
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if cmd.settings is not None:
             p.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below")
             p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -412,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = build_parser()
     args = vars(parser.parse_args(_join_range(sys.argv[1:] if argv is None else argv)))
     name = args.pop("command")
+    debug = args.pop("debug", False)
     cmd, sub = COMMANDS[name], subparsers[name]
     try:
         positional, opts = _options(cmd, sub, args)
@@ -422,9 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(*positional, **opts) or 0)
     except Exception as err:
         code = getattr(err, "exit_code", None)
-        if not isinstance(code, int):
+        if not isinstance(code, int) and isinstance(err, cmd.user_errors):
+            code = 2
+        if debug or not isinstance(code, int):
             raise
-        print(f"fewstep {name}: {'' if code >= 128 else 'error: '}{err}", file=sys.stderr)
+        hint = " (--debug shows where)" if code == 2 and not hasattr(err, "exit_code") else ""
+        print(f"fewstep {name}: {'' if code >= 128 else 'error: '}{_one_line(err)}{hint}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -432,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line."""
+    text = str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

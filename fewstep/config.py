@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 __all__ = ["option", "section", "load", "from_dict", "apply_override", "read_yaml", "reject_unknown", "given",
            "help_text", "TrainConfig", "UNetConfig", "DDPMSchedulerConfig", "DataConfig", "MRConfig",
            "TeacherConfig", "MRTrainConfig", "ClassifierConfig", "ProgressiveConfig", "ConsistencyConfig", "FDistillConfig", "SIMConfig",
-           "DistillConfig"]
+           "GuidanceConfig", "DistillConfig"]
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
@@ -330,6 +330,9 @@ class UNetConfig:
     center_input_sample: bool | None = option(None, "diffusers: false")
     norm_eps: float | None = option(None, "diffusers: 1e-5")
     resnet_time_scale_shift: str | None = option(None, "default or scale_shift (diffusers: default)")
+    num_class_embeds: int | None = option(None, "class ids, for a class-conditional teacher: classes + 1 (the last is "
+                                                "the null class of classifier-free guidance)")
+    class_embed_type: str | None = option(None, "null (an embedding table of num_class_embeds) or timestep")
 
 
 @dataclass
@@ -353,7 +356,8 @@ class DDPMSchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """``load_images`` keyword arguments (null: its default)."""
+    """``load_images`` / ``load_conditioned`` keyword arguments (null: its default); ``prompts`` is
+    ``load_prompts``'s file."""
 
     label: ClassVar[str] = "data"
 
@@ -364,6 +368,8 @@ class DataConfig:
     root: str | None = option(None, "data folder (default: Debian's Fashion-MNIST, or ./data)")
     download: bool | None = option(None, "download through torchvision (default: false)")
     limit: int | None = option(None, "use only the first N images")
+    conditions: str = option("auto", "auto, none, labels or captions: what to read as each image's condition")
+    prompts: str | None = option(None, "text file of prompts, one per line (the data-free methods' conditions)")
 
 
 @dataclass
@@ -389,7 +395,21 @@ class TeacherConfig:
     model: UNetConfig = section(UNetConfig)
     scheduler: DDPMSchedulerConfig = section(DDPMSchedulerConfig)
     data: DataConfig = section(DataConfig)
+    label_dropout: float | None = option(None, "class-conditional teachers (model.num_class_embeds set): probability "
+                                               "a label is replaced by the null class, for classifier-free guidance "
+                                               "(null: 0.1)")
     eval: dict = option(factory=dict, help="free-form, not read by training")
+
+    def __post_init__(self):
+        conditional = self.model.num_class_embeds is not None
+        if self.label_dropout is not None and not conditional:
+            raise ValueError("label_dropout is for class-conditional teachers: set model.num_class_embeds too")
+        if self.model.class_embed_type is not None and not conditional:
+            raise ValueError("model.class_embed_type needs model.num_class_embeds (number of classes + 1)")
+        if self.model.class_embed_type not in (None, "timestep"):  # "identity" wants vectors, not class ids
+            raise ValueError(f"model.class_embed_type must be null or 'timestep', got {self.model.class_embed_type!r}")
+        if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
 
 
 @dataclass
@@ -493,13 +513,38 @@ class SIMConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """Classifier-free guidance in distillation (``guidance:`` section; fewstep.distill.conditioning)."""
+
+    label: ClassVar[str] = "guidance"
+
+    mode: str = option("none", "none (the conditional teacher as it is), baked (the student learns the teacher "
+                               "guided at scale; sample it without guidance) or conditioned (w drawn per example "
+                               "from scale_range and given to the student as an input)")
+    scale: float = option(1.0, "baked: the teacher's guidance scale w (1: unguided)")
+    scale_range: tuple[float, float] = option((1.0, 8.0), "conditioned: w ~ uniform on [lo, hi] per example")
+    negative_prompt: str | None = option(None, "text teachers: the prompt guidance contrasts with (null: the "
+                                               "empty prompt, as the pipeline's default)")
+    fake_guided: bool = option(False, "fdistill / sim: the fake score is guided too (SiD-LSG); false: the "
+                                      "teacher only (DMD2, FastGen)")
+    fake_dropout: float = option(0.1, "fdistill / sim with fake_guided: probability the fake score trains on "
+                                      "the null condition")
+
+
+@dataclass
 class DistillConfig:
-    """``fewstep distill``: a few-step student from a diffusers DDPM teacher."""
+    """``fewstep distill``: a few-step student from a diffusers pipeline teacher."""
 
     method: str = option("progressive", "progressive, consistency, fdistill or sim")
-    teacher: str | None = option(None, "teacher DDPMPipeline folder (default: the embedded teachers/fmnist)")
+    teacher: str | None = option(None, "teacher: a diffusers pipeline folder (DDPM/DDIM, class-conditional UNet, DiT, "
+                                       "Stable Diffusion 1.x/2.x, SDXL, LDM; default: the embedded teachers/fmnist)")
     students_dir: str | None = option(None, "where students are exported (default: train.output_dir/students)")
+    prompt_template: str | None = option(None, "text teachers on labelled data: each label's prompt, e.g. "
+                                               "'a photo of a {}' (filled with the class name)")
+    cache: str | None = option(None, "file of the encoded data (latents, condition embeddings), computed once "
+                                     "(default: train.output_dir/prepared_data.pt)")
     train: TrainConfig = section(TrainConfig)
+    guidance: GuidanceConfig = section(GuidanceConfig)
     progressive: ProgressiveConfig = section(ProgressiveConfig)
     consistency: ConsistencyConfig = section(ConsistencyConfig)
     fdistill: FDistillConfig = section(FDistillConfig)

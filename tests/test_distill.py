@@ -84,7 +84,7 @@ def test_mcm_can_start_from_another_student(tiny_teacher, idx_folder, tmp_path):
     start, end = UNet2DModel.from_pretrained(first / "unet"), UNet2DModel.from_pretrained(second / "unet")
     for a, b in zip(start.parameters(), end.parameters()):  # one step of lr 1e-12: still the init's weights
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-    with pytest.raises(FileNotFoundError, match="student_init .* is not a fewstep student"):
+    with pytest.raises(ValueError, match="student_init .* is not a fewstep student"):
         distill(_config(tiny_teacher, idx_folder, tmp_path / "bad", method="consistency",
                         consistency={**mcm, "student_init": str(tiny_teacher)}))
     with pytest.raises(ValueError, match="predicts 'v_prediction', the new student 'sample'"):

@@ -1,0 +1,299 @@
+"""Teachers are pipelines: one small adapter per diffusers pipeline family (DESIGN.md, "Teachers are pipelines").
+
+A teacher is any diffusers pipeline folder. ``load_teacher(path)`` reads its ``model_index.json``, picks the
+adapter registered for its pipeline class and returns it, loaded. An adapter (a ``Family`` subclass) knows
+its components and nothing else:
+
+- which network denoises (``network``) and how it is called with its conditions (``forward``);
+- how conditions are made (``encode``: class ids or prompts -> a dict of per-example tensors; ``null``: the
+  unconditional condition that classifier-free guidance contrasts with);
+- the autoencoder, if any (``encode_images`` with its scaling and shift, ``decode_latents``);
+- the schedule and prediction type (from the scheduler config);
+- how a student is written back as the same pipeline class (``export``).
+
+Trainers never import a pipeline class: they see ``Family.forward`` through a denoiser, batches of
+``(x, cond)`` with ``x`` in the teacher's (latent) space, and ``Family.export``. A condition is a dict of
+tensors whose first dimension is the batch (``{"class_labels": [B]}``, ``{"encoder_hidden_states": [B, L,
+D]}``, SDXL's pooled embeddings and time ids as their own keys), so selecting, repeating and concatenating
+rows is the same code for every family (``cond_rows``, ``cond_cat``, ``cond_repeat``). ``GUIDANCE_KEY``
+(``"guidance_scale"``) in a condition is the per-example guidance scale ``w`` of a w-conditioned student.
+
+Adding a family = one module here with one ``Family`` subclass decorated ``@register``, and its tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Family", "register", "FAMILIES", "family_of", "load_teacher", "teacher_identity", "GUIDANCE_KEY",
+           "cond_rows", "cond_cat", "cond_repeat", "cond_without", "TeacherError", "supported_pipelines"]
+
+#: The per-example guidance scale ``w`` of a w-conditioned student, as a condition key (diffusers' name).
+GUIDANCE_KEY = "guidance_scale"
+
+#: diffusers scheduler classes whose config is a DDPM-family (discrete VP) noise schedule.
+DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
+               "DEISMultistepScheduler", "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+               "HeunDiscreteScheduler", "KDPM2DiscreteScheduler")
+
+#: pipeline class name -> adapter class (filled by ``register``).
+FAMILIES: dict[str, type["Family"]] = {}
+
+
+class TeacherError(ValueError):
+    """A teacher folder, or a use of it, that fewstep cannot read with certainty: one line for the user."""
+
+    exit_code = 2
+
+
+def register(cls: type["Family"]) -> type["Family"]:
+    for name in cls.pipelines:
+        FAMILIES[name] = cls
+    return cls
+
+
+def supported_pipelines() -> list[str]:
+    _import_all()
+    return sorted(FAMILIES)
+
+
+def _import_all() -> None:
+    # the adapters register themselves on import; each is small and imports diffusers lazily
+    from . import ddpm, dit, ldm, sd  # noqa: F401
+
+
+# -- conditions: dicts of per-example tensors ---------------------------------------------------------
+
+
+def cond_rows(cond: dict[str, Tensor], rows) -> dict[str, Tensor]:
+    """The conditions of the selected rows (a bool mask or an index tensor)."""
+    return {k: v[rows] for k, v in cond.items()}
+
+
+def cond_cat(*conds: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Row-wise concatenation of conditions with the same keys."""
+    keys = set(conds[0])
+    if any(set(c) != keys for c in conds):
+        raise ValueError(f"cannot concatenate conditions with different keys: {[sorted(c) for c in conds]}")
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_repeat(cond: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """A one-row condition (e.g. the null one) repeated to ``rows`` rows."""
+    return {k: v.expand(rows, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+
+
+def cond_without(cond: dict[str, Tensor], *keys: str) -> dict[str, Tensor]:
+    return {k: v for k, v in cond.items() if k not in keys}
+
+
+# -- identity ------------------------------------------------------------------------------------------
+
+
+def teacher_identity(path: str | os.PathLike) -> str:
+    """A hash of a pipeline's configs and weights: ``model_index.json`` and every file of the component
+    folders it names (by relative path and content; other files, e.g. evaluation statistics kept beside a
+    teacher, are not the teacher), so a student says which teacher it came from and an init can be checked."""
+    path = Path(path)
+    index = path / "model_index.json"
+    components = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None]
+    files = [index] + sorted(p for c in components if (path / c).is_dir() for p in (path / c).rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# -- the adapter ---------------------------------------------------------------------------------------
+
+
+class Family:
+    """One pipeline family, loaded from a folder. Subclasses set ``pipelines`` (class names in
+    ``model_index.json``), ``network`` (the denoising component's name) and override what differs."""
+
+    pipelines: tuple[str, ...] = ()
+    network: str = "unet"
+    #: ``None`` (unconditional), ``"class"`` (class ids) or ``"text"`` (prompts).
+    condition_kind: str | None = None
+
+    def __init__(self, pipe, path: Path):
+        self.pipe, self.path = pipe, Path(path)
+        self.sidecar = _read_json(self.path / "fewstep_teacher.json")
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.schedule = self._schedule()
+
+    # -- construction
+    @classmethod
+    def load(cls, path: Path, **kwargs) -> "Family":
+        from diffusers import DiffusionPipeline
+
+        return cls(DiffusionPipeline.from_pretrained(path, **kwargs), path)
+
+    def _schedule(self):
+        from fewstep.samplers.schedules import DiscreteVPSchedule
+
+        config = self.scheduler_config
+        name = config.get("_class_name", type(self.pipe.scheduler).__name__)
+        if name not in DDPM_FAMILY or config.get("use_flow_sigmas") or config.get("use_karras_sigmas"):
+            raise TeacherError(f"teacher {self.path} has a {name} schedule; distillation here needs a DDPM-family "
+                               "(discrete VP) schedule such as DDPMScheduler's")
+        return DiscreteVPSchedule.from_diffusers_config(config)
+
+    @property
+    def name(self) -> str:
+        return type(self.pipe).__name__
+
+    @property
+    def denoiser_network(self) -> nn.Module:
+        return getattr(self.pipe, self.network)
+
+    # -- space
+    @property
+    def latent(self) -> bool:
+        """Whether the network works on an autoencoder's latents (``encode_images`` / ``decode_latents``)."""
+        return False
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises."""
+        cfg = self.denoiser_network.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (int(cfg.in_channels), int(size), int(size))
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the pipeline makes (= ``sample_shape`` in pixel space)."""
+        return self.sample_shape()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in ``[-1, 1]`` -> what the network denoises (pixel families: the images)."""
+        return images
+
+    def decode_latents(self, x: Tensor) -> Tensor:
+        """What the network denoises -> images in ``[-1, 1]`` (pixel families: ``x``)."""
+        return x
+
+    # -- conditions
+    @property
+    def conditional(self) -> bool:
+        return self.condition_kind is not None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.sidecar.get("class_names")
+
+    @property
+    def num_classes(self) -> int | None:
+        return None
+
+    def encode(self, raw: list) -> dict[str, Tensor]:
+        """Raw conditions (class ids, or prompts) -> a dict of ``[B, ...]`` tensors; ``{}`` when unconditional."""
+        if not self.conditional:
+            if raw is not None and len(raw):
+                raise TeacherError(f"{self.name} teacher {self.path} is unconditional; it takes no conditions")
+            return {}
+        raise NotImplementedError
+
+    def null(self, rows: int = 1) -> dict[str, Tensor]:
+        """The unconditional condition (empty prompt, null class), ``rows`` rows; what guidance contrasts with."""
+        raise TeacherError(f"{self.name} teacher {self.path} has no unconditional (null) condition, so it cannot "
+                           "be guided; use guidance.mode none")
+
+    @property
+    def guidable(self) -> bool:
+        """Whether ``null`` exists (classifier-free guidance is possible)."""
+        try:
+            self.null(1)
+        except TeacherError:
+            return False
+        return True
+
+    # -- the network call
+    def forward(self, net: nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The network's raw output at ``(x, t)`` under ``cond`` (``t``: the network's own timesteps, ``[B]``)."""
+        out = net(x, t, **cond)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def call(self, net: nn.Module) -> Callable[..., Tensor]:
+        """``net`` as ``model(x, t, **cond)`` for ``ModelDenoiser``."""
+
+        def model(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+            return self.forward(net, x, t, cond)
+
+        return model
+
+    # -- guidance as a student input (Meng et al. 2023; LCM's time_cond_proj_dim)
+    @property
+    def accepts_guidance_input(self) -> bool:
+        return False
+
+    def with_guidance_input(self, net: nn.Module) -> nn.Module:
+        raise TeacherError(f"a guidance-conditioned student needs a network with a guidance-scale embedding "
+                           f"(UNet2DConditionModel's time_cond_proj_dim); {self.name}'s {type(net).__name__} has "
+                           "none: use guidance.mode baked")
+
+    # -- students
+    def student_pipeline(self, net: nn.Module, scheduler):
+        """The teacher's pipeline class with ``net`` as its denoiser and ``scheduler``; the other components
+        (autoencoder, encoders, tokenizers) are the teacher's."""
+        components = dict(self.pipe.components)
+        components[self.network] = net
+        components["scheduler"] = scheduler
+        return type(self.pipe)(**components)
+
+    def export(self, net: nn.Module, scheduler, folder: Path) -> None:
+        """Write the student pipeline into ``folder`` (an empty temporary folder of ``atomic_dir``), with the
+        teacher's ``fewstep_teacher.json`` (class names, null class) when it has one."""
+        self.student_pipeline(net, scheduler).save_pretrained(folder)
+        if self.sidecar:
+            (Path(folder) / "fewstep_teacher.json").write_text(json.dumps(self.sidecar, indent=1))
+
+    def pipeline_inputs(self, raw: list | None, guidance_scale: float | None = None) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's ``__call__`` for these raw conditions (the parity tests)."""
+        return {}
+
+    def describe(self) -> dict:
+        """What a student records about its teacher."""
+        return {"pipeline": self.name, "path": str(self.path), "id": teacher_identity(self.path),
+                "prediction_type": self.prediction_type, "latent": self.latent, "conditions": self.condition_kind}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def family_of(path: str | os.PathLike) -> type[Family]:
+    """The adapter class of a pipeline folder, from its ``model_index.json`` (no weights loaded)."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(f"teacher {path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError):
+        raise TeacherError(f"{index} is not a diffusers model index (no _class_name)") from None
+    _import_all()
+    if name not in FAMILIES:
+        raise TeacherError(f"teacher {path} is a {name}; fewstep distils {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu") -> Family:
+    """The adapter of a pipeline folder, loaded, its networks frozen in eval mode on ``device``."""
+    path = Path(path)
+    family = family_of(path).load(path)
+    family.pipe.to(device)
+    for module in family.pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.eval().requires_grad_(False)
+    return family
