@@ -186,8 +186,7 @@ class Conditioning:
             return self.student(net, schedule, prediction_type, cond)
         den = self.denoiser(net, schedule, prediction_type)
         student_cond = cond if self.student_takes_guidance else cond_without(cond, GUIDANCE_KEY)
-        w = cond.get(GUIDANCE_KEY, self.guidance.scale)
-        return Bound(_FakeGuided(den, self._null, w, self.student_takes_guidance), student_cond)
+        return Bound(_FakeGuided(den, self._null, self.guidance.scale, self.student_takes_guidance), student_cond)
 
     def draw(self, ctx, cond: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
         """The batch's conditions plus, for a w-conditioned student, each example's ``w`` (from the step's
@@ -217,11 +216,12 @@ class Conditioning:
 
 class _FakeGuided(Denoiser):
     """The fake score guided like the teacher (SiD-LSG): ``x0_u + w (x0_c - x0_u)`` with the fake network's
-    own null-condition prediction; a w-conditioned fake network also gets ``w`` in both halves."""
+    own null-condition prediction, at the baked ``scale`` or, for a w-conditioned fake network, at each
+    example's ``w`` from its condition (which it also gets as its input, in both halves)."""
 
-    def __init__(self, denoiser: Denoiser, null: dict[str, Tensor], w, keep_w: bool):
+    def __init__(self, denoiser: Denoiser, null: dict[str, Tensor], scale: float, keep_w: bool):
         super().__init__()
-        self.denoiser, self.null_cond, self.w, self.keep_w = denoiser, null, w, keep_w
+        self.denoiser, self.null_cond, self.scale, self.keep_w = denoiser, null, float(scale), keep_w
         self.schedule = denoiser.schedule
 
     def forward(self, x: Tensor, t, **cond: Tensor) -> Prediction:
@@ -231,7 +231,7 @@ class _FakeGuided(Denoiser):
             null = {**null, GUIDANCE_KEY: cond[GUIDANCE_KEY]}
         t = torch.as_tensor(t, dtype=torch.float64)
         both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, **cond_cat(cond, null))
-        w = broadcast_like(self.w, x)
+        w = broadcast_like(cond[GUIDANCE_KEY] if self.keep_w else self.scale, x)
         x0_c, x0_u = both.x0[:rows], both.x0[rows:]
         eps_c, eps_u = both.eps[:rows], both.eps[rows:]
         return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))

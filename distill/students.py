@@ -103,6 +103,12 @@ def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid,
     if family is not None:
         record["teacher"] = family.describe()
         record["guidance"] = _guidance_record(guidance)
+        if record["guidance"]["mode"] == "baked" and family.accepts_guidance_input:
+            # A guidance embedding with zero weights: the student is unchanged, and its pipeline (which skips
+            # classifier-free guidance for a UNet with time_cond_proj_dim) ignores guidance_scale instead of
+            # guiding a student whose guidance is already in its weights.
+            model = family.with_guidance_input(model)
+            record["guidance"]["pipeline_ignores_guidance_scale"] = True
     with atomic_dir(path) as tmp:
         if family is None:
             DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
@@ -163,6 +169,10 @@ class StudentSampler(Sampler):
         if mode == "baked" and guidance_scale not in (None, 1, 1.0):
             raise TeacherError(f"this student has guidance w={self.student['guidance']['scale']} baked in; sample it "
                                "without guidance_scale (or 1)")
+        if mode == "baked" and self.student["guidance"].get("pipeline_ignores_guidance_scale"):
+            n = len(next(iter(cond.values())))  # its zero-weight guidance input still wants a value
+            cond = {**cond, GUIDANCE_KEY: torch.full((n,), float(self.student["guidance"]["scale"]),
+                                                    device=next(iter(cond.values())).device)}
         if mode == "conditioned":
             lo, hi = self.student["guidance"]["scale_range"]
             w = (lo + hi) / 2 if guidance_scale is None else float(guidance_scale)

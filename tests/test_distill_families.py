@@ -176,11 +176,16 @@ def test_a_baked_guidance_student_refuses_guidance_and_a_conditioned_one_reads_i
     key = "prompt" if name == "sd" else "class_labels"
     (baked,) = run(teacher, data, tmp_path / "baked", "consistency", guidance={"mode": "baked", "scale": 3.0})
     student = load_student(baked)
-    assert student.student["guidance"] == {"mode": "baked", "scale": 3.0, "negative_prompt": None}
+    assert {k: student.student["guidance"][k] for k in ("mode", "scale")} == {"mode": "baked", "scale": 3.0}
     x_T = _pipeline_noise(student.family, 2)
-    student.sample(x_T, **{key: raw})
+    ours = student.sample(x_T, **{key: raw})
     with pytest.raises(TeacherError, match="baked in"):
         student.sample(x_T, **{key: raw}, guidance_scale=5.0)
+    if name == "sd":  # its pipeline ignores guidance_scale (a zero-weight guidance input): no CFG on top
+        assert student.student["guidance"]["pipeline_ignores_guidance_scale"]
+        for w in (1.0, 7.5):
+            theirs = _pipeline_images(student.family, baked, raw, x_T, student.nfe, guidance_scale=w)
+            torch.testing.assert_close(ours.clamp(-1, 1), theirs.clamp(-1, 1), atol=2e-3, rtol=0)
     if name != "sd":
         with pytest.raises(TeacherError, match="needs a network with a guidance-scale embedding"):
             run(teacher, data, tmp_path / "cond", "consistency", guidance={"mode": "conditioned"})
@@ -239,3 +244,22 @@ def test_a_text_teacher_on_labelled_data_uses_the_prompt_template(teachers, tmp_
     assert load_student(path).nfe == 2
     cache = torch.load(tmp_path / "t" / "prepared_data.pt", weights_only=True)
     assert cache["table"]["encoder_hidden_states"].shape[0] == 3  # one embedding per class prompt, not per image
+
+
+@pytest.mark.parametrize("override,match", [
+    ("teacher={root}/nowhere", "is not a diffusers pipeline folder"),
+    ("guidance.mode=baked", "needs a conditional teacher"),
+    ("data.conditions=sideways", "conditions"),
+])
+def test_a_user_error_from_fewstep_distill_is_one_line_and_exit_2(teachers, tmp_path, capsys, override, match):
+    from fewstep.cli import main
+
+    ldm, data, _ = teachers["ldm"]
+    args = ["distill", f"teacher={ldm}", f"data.name={data['name']}", f"train.output_dir={tmp_path / 'o'}",
+            "train.steps=1", "train.batch_size=2", "train.progress=false", "progressive.start_steps=2",
+            override.format(root=tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
+    with pytest.raises(Exception, match=match):  # --debug: the exception itself, traceback and all
+        main(args + ["--debug"])

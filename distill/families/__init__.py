@@ -23,6 +23,7 @@ Adding a family = one module here with one ``Family`` subclass decorated ``@regi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,7 +140,8 @@ class Family:
     def load(cls, path: Path, **kwargs) -> "Family":
         from diffusers import DiffusionPipeline
 
-        return cls(DiffusionPipeline.from_pretrained(path, **kwargs), path)
+        with quiet_diffusers():
+            return cls(DiffusionPipeline.from_pretrained(path, **kwargs), path)
 
     def _schedule(self):
         from fewstep.samplers.schedules import DiscreteVPSchedule
@@ -266,6 +268,22 @@ class Family:
         """What a student records about its teacher."""
         return {"pipeline": self.name, "path": str(self.path), "id": teacher_identity(self.path),
                 "prediction_type": self.prediction_type, "latent": self.latent, "conditions": self.condition_kind}
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers without its loading progress bar and warnings (a user error stays one line)."""
+    from diffusers.utils import logging as dlog
+
+    bars, level = dlog.is_progress_bar_enabled(), dlog.get_verbosity()
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars:
+            dlog.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:
