@@ -263,3 +263,17 @@ def test_a_user_error_from_fewstep_distill_is_one_line_and_exit_2(teachers, tmp_
     assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
     with pytest.raises(Exception, match=match):  # --debug: the exception itself, traceback and all
         main(args + ["--debug"])
+
+
+def test_a_latent_teacher_without_its_autoencoder_is_refused(teachers, tmp_path):
+    import shutil
+
+    sd, captions, _ = teachers["sd"]
+    broken = tmp_path / "no-vae"
+    shutil.copytree(sd, broken)
+    shutil.rmtree(broken / "vae")
+    index = json.loads((broken / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherError, match="has no 'vae' component"):
+        run(broken, captions, tmp_path / "o", "progressive")

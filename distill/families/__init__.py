@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Family", "register", "FAMILIES", "family_of", "load_teacher", "teacher_identity", "GUIDANCE_KEY",
-           "cond_rows", "cond_cat", "cond_repeat", "cond_without", "TeacherError", "supported_pipelines"]
+           "cond_rows", "cond_cat", "cond_repeat", "cond_without", "TeacherError", "supported_pipelines",
+           "latent_image_shape", "class_labels"]
 
 #: The per-example guidance scale ``w`` of a w-conditioned student, as a condition key (diffusers' name).
 GUIDANCE_KEY = "guidance_scale"
@@ -128,8 +129,15 @@ class Family:
     #: ``None`` (unconditional), ``"class"`` (class ids) or ``"text"`` (prompts).
     condition_kind: str | None = None
 
+    #: components a teacher of this family cannot be read without (a latent teacher's autoencoder, ...)
+    required: tuple[str, ...] = ()
+
     def __init__(self, pipe, path: Path):
         self.pipe, self.path = pipe, Path(path)
+        for name in (self.network, "scheduler", *self.required):
+            if getattr(pipe, name, None) is None:
+                raise TeacherError(f"{type(pipe).__name__} teacher {path} has no {name!r} component; a teacher "
+                                   f"of this family needs {', '.join((self.network, 'scheduler', *self.required))}")
         self.sidecar = _read_json(self.path / "fewstep_teacher.json")
         self.scheduler_config = dict(pipe.scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
@@ -140,6 +148,12 @@ class Family:
     def load(cls, path: Path, **kwargs) -> "Family":
         from diffusers import DiffusionPipeline
 
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        for name in (cls.network, "scheduler", *cls.required):  # said before diffusers' own, longer refusal
+            entry = index.get(name)
+            if not (isinstance(entry, list) and entry and entry[0] is not None):
+                raise TeacherError(f"{index.get('_class_name')} teacher {path} has no {name!r} component; a teacher "
+                                   f"of this family needs {', '.join((cls.network, 'scheduler', *cls.required))}")
         with quiet_diffusers():
             return cls(DiffusionPipeline.from_pretrained(path, **kwargs), path)
 
@@ -284,6 +298,23 @@ def quiet_diffusers():
         dlog.set_verbosity(level)
         if bars:
             dlog.enable_progress_bar()
+
+
+def latent_image_shape(autoencoder: nn.Module, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The decoded image's ``(C, H, W)`` of a latent ``sample_shape``: each autoencoder level after the first
+    halves the resolution."""
+    cfg = autoencoder.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    return (int(cfg.out_channels), sample_shape[1] * factor, sample_shape[2] * factor)
+
+
+def class_labels(raw, classes: int, device) -> dict[str, Tensor]:
+    """Class ids as a condition, each checked to be one of the teacher's ``classes``."""
+    labels = torch.as_tensor(raw, dtype=torch.long).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if len(bad):
+        raise TeacherError(f"class label {int(bad[0])} is outside the teacher's classes 0..{classes - 1}")
+    return {"class_labels": labels.to(device)}
 
 
 def _read_json(path: Path) -> dict:

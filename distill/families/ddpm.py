@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Family, TeacherError, register
+from . import Family, TeacherError, class_labels, register
 
 
 @register
@@ -48,11 +48,7 @@ class DDPMFamily(Family):
     def encode(self, raw) -> dict[str, Tensor]:
         if not self.conditional:
             return super().encode(raw)
-        labels = torch.as_tensor(raw, dtype=torch.long).reshape(-1)
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if len(bad):
-            raise TeacherError(f"class label {int(bad[0])} is outside the teacher's classes 0..{self.num_classes - 1}")
-        return {"class_labels": labels.to(self.pipe.device)}
+        return class_labels(raw, self.num_classes, self.pipe.device)
 
     def null(self, rows: int = 1) -> dict[str, Tensor]:
         if self.null_label is None:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from . import Family, TeacherError, register
+from . import Family, TeacherError, class_labels, latent_image_shape, register
 
 #: The class id ``DiTPipeline.__call__`` guides against (hard-coded there).
 DIT_NULL_CLASS = 1000
@@ -62,16 +62,11 @@ def null_class_problem(net: nn.Module) -> str | None:
     return None
 
 
-def latent_image_shape(autoencoder: nn.Module, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The decoded image's ``(C, H, W)``: each encoder level after the first halves the resolution."""
-    cfg = autoencoder.config
-    factor = 2 ** (len(cfg.block_out_channels) - 1)
-    return (int(cfg.out_channels), sample_shape[1] * factor, sample_shape[2] * factor)
-
 
 @register
 class DiTFamily(Family):
     pipelines = ("DiTPipeline",)
+    required = ("vae",)
     network = "transformer"
     condition_kind = "class"
 
@@ -119,11 +114,7 @@ class DiTFamily(Family):
         return [self.id2label.get(i, str(i)) for i in range(self.num_classes)]
 
     def encode(self, raw) -> dict[str, Tensor]:
-        labels = torch.as_tensor(raw, dtype=torch.long).reshape(-1)
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if len(bad):
-            raise TeacherError(f"class label {int(bad[0])} is outside the teacher's classes 0..{self.num_classes - 1}")
-        return {"class_labels": labels.to(self.pipe.device)}
+        return class_labels(raw, self.num_classes, self.pipe.device)
 
     def null(self, rows: int = 1) -> dict[str, Tensor]:
         if self.null_problem is not None:

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import Family, TeacherError, register
+from . import Family, TeacherError, latent_image_shape, register
 
-
-def latent_image_shape(autoencoder, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The decoded image's ``(C, H, W)``: each encoder level after the first halves the resolution."""
-    cfg = autoencoder.config
-    factor = 2 ** (len(cfg.block_out_channels) - 1)
-    return (int(cfg.out_channels), sample_shape[1] * factor, sample_shape[2] * factor)
 
 
 @register
 class LDMFamily(Family):
     pipelines = ("LDMPipeline",)
+    required = ("vqvae",)
     network = "unet"
     condition_kind = None
 

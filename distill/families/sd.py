@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import GUIDANCE_KEY, Family, TeacherError, cond_repeat, register
+from . import GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, register
 
 __all__ = ["StableDiffusionFamily", "StableDiffusionXLFamily", "GUIDANCE_EMBED_DIM"]
 
@@ -40,6 +40,7 @@ def _proj_dim(net: nn.Module) -> int | None:
 @register
 class StableDiffusionFamily(Family):
     pipelines = ("StableDiffusionPipeline",)
+    required = ("vae", "text_encoder", "tokenizer")
     network = "unet"
     condition_kind = "text"
     #: the negative prompt guidance contrasts with; ``None`` is the pipeline's default (``""``)
@@ -60,10 +61,7 @@ class StableDiffusionFamily(Family):
         return (int(self.pipe.unet.config.in_channels), *self._latent_size())
 
     def image_shape(self) -> tuple[int, int, int]:
-        vae = self.pipe.vae.config
-        factor = 2 ** (len(vae.block_out_channels) - 1)  # the pipeline's vae_scale_factor
-        h, w = self._latent_size()
-        return (int(vae.out_channels), h * factor, w * factor)
+        return latent_image_shape(self.pipe.vae, self.sample_shape())  # the pipeline's vae_scale_factor
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` -> scaled latents. Deterministic: the posterior's mode (its mean), not a sample.
@@ -184,6 +182,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     encoder's pooled projection), "time_ids": [B, 6]}``; the last two reach the UNet as ``added_cond_kwargs``."""
 
     pipelines = ("StableDiffusionXLPipeline",)
+    required = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     #: force_zeros_for_empty_prompt decides the pipeline's own negative (module docstring)
     config_flags = ("force_zeros_for_empty_prompt",)
     KEYS = frozenset({"encoder_hidden_states", "text_embeds", "time_ids"})
