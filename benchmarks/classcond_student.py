@@ -23,7 +23,7 @@ from fewstep.distill.families import load_teacher
 from fewstep.distill.students import load_student
 from fewstep.eval.classifier import DEFAULT_WEIGHTS, FMNISTNet, accuracy
 from fewstep.samplers import ModelDenoiser, Sampler
-from fewstep.teachers import FMNIST, FMNIST_FD_REFERENCE
+from fewstep.teachers import FMNIST_CLASSCOND, FMNIST_FD_REFERENCE
 
 
 def fd_fmnist(images: torch.Tensor, fx, reference) -> float:
@@ -53,7 +53,7 @@ def teacher_samples(family, noise, labels, scale: float, solver: str, steps: int
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("students", nargs="+")
-    p.add_argument("--teacher", default=str(FMNIST.parent / "fmnist_classcond"))
+    p.add_argument("--teacher", default=str(FMNIST_CLASSCOND))
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--teacher-steps", type=int, default=25)
     p.add_argument("--per-class", type=int, default=100)

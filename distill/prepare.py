@@ -112,7 +112,7 @@ def prepare_data(family: Family, config, needs_images: bool, cache: Path | None)
         if saved.get("key") == key:
             return ConditionedDataset(saved["x"], saved["table"], saved["index"])
     x, table, index = _build(family, config, needs_images)
-    if cache is not None:
+    if cache is not None and (family.latent or family.condition_kind == "text"):  # else nothing was encoded
         atomic_save({"key": key, "x": x, "table": table, "index": index}, cache)
     return ConditionedDataset(x, table, index)
 

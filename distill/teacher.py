@@ -9,6 +9,14 @@ network with EMA on ``eps_loss``, run by ``fewstep.distill.core.fit`` (checkpoin
 ``train.output_dir/checkpoint-<step>.pt``; rerunning the command resumes). The result is saved, atomically,
 as a diffusers ``DDPMPipeline`` (safetensors) in ``train.output_dir/pipeline``, so
 ``DDPMPipeline.from_pretrained(path)`` loads it offline and any fewstep sampler swaps in.
+
+A class-conditional teacher (``model.num_class_embeds`` = classes + 1, the last id the null class) trains on
+the data's labels for classifier-free guidance (Ho & Salimans 2022): ``eps_loss`` gives the UNet
+``class_labels``, each replaced by the null id with probability ``label_dropout``. Its examples are the
+training core's conditional form, ``{"x": image, "cond": {"class_labels": id}}`` (``LabelledImages``). The
+export adds ``fewstep_teacher.json`` (``class_names``,
+``null_class_label``); sample it with ``ModelDenoiser(..., class_labels=...)`` and ``CFGDenoiser``
+(diffusers' ``DDPMPipeline.__call__`` has no class input).
 """
 
 from __future__ import annotations
@@ -20,34 +28,74 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fewstep.config import TeacherConfig, from_dict, given
-from fewstep.data import load_images
+from fewstep.data import load_conditioned, load_images
 from fewstep.io import atomic_dir, atomic_write_bytes
 
 from .core import LossMethod, OptimizerConfig, fit, from_train_config
 
-__all__ = ["eps_loss", "TeacherMethod", "build_teacher", "train_teacher", "cli"]
+__all__ = ["eps_loss", "drop_labels", "LabelledImages", "class_info", "SIDECAR",
+           "DEFAULT_LABEL_DROPOUT", "TeacherMethod", "build_teacher", "train_teacher", "cli"]
+
+#: The export's conditioning facts that diffusers' config has no key for (read by ``distill.families``).
+SIDECAR = "fewstep_teacher.json"
+DEFAULT_LABEL_DROPOUT = 0.1  # Ho & Salimans 2022 find 0.1-0.2 best
 
 
-def eps_loss(alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+def drop_labels(labels: Tensor, null_label: int, p: float, g: torch.Generator) -> Tensor:
+    """Each label replaced by ``null_label`` with probability ``p`` (classifier-free guidance's joint
+    training, Ho & Salimans 2022, Algorithm 1); drawn from ``g`` so a resumed run drops the same ones."""
+    drop = (torch.rand(labels.shape[0], generator=g) < p).to(labels.device)
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def eps_loss(alphas_cumprod: Tensor, prediction_type: str = "epsilon", null_label: int | None = None,
+             label_dropout: float = 0.0):
     """DDPM's simple loss (Ho et al. 2020, eq. 14): ``|eps - eps_theta(sqrt(a) x0 + sqrt(1 - a) eps, t)|^2``
-    at ``t ~ U{0..T-1}``; ``v_prediction`` regresses ``v = sqrt(a) eps - sqrt(1 - a) x0`` instead."""
+    at ``t ~ U{0..T-1}``; ``v_prediction`` regresses ``v = sqrt(a) eps - sqrt(1 - a) x0`` instead.
+
+    With ``null_label`` the model is class-conditional: batches are ``LabelledImages``' dicts and the network
+    gets their ``class_labels``, dropped to ``null_label`` with probability ``label_dropout`` (``drop_labels``)."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"teacher prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     ac = alphas_cumprod.float()
 
-    def loss(model: nn.Module, x0: Tensor, g: torch.Generator) -> Tensor:
+    def loss(model: nn.Module, batch: Tensor | dict, g: torch.Generator) -> Tensor:
+        x0, labels = (batch, None) if null_label is None else (batch["x"], batch["cond"]["class_labels"])
         t = torch.randint(0, len(ac), (x0.shape[0],), generator=g)
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         a = ac[t].sqrt().view(-1, 1, 1, 1).to(x0.device)
         s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1).to(x0.device)
         target = eps if prediction_type == "epsilon" else a * eps - s * x0
-        out = model(a * x0 + s * eps, t.to(x0.device)).sample
+        # drawn after t and eps, so an unconditional teacher's noise is what it always was
+        cond = {} if labels is None else {"class_labels": drop_labels(labels, null_label, label_dropout, g)}
+        out = model(a * x0 + s * eps, t.to(x0.device), **cond).sample
         return (out.float() - target).pow(2).mean()
 
     return loss
+
+
+class LabelledImages(Dataset):
+    """Images with their class ids, an example as the training core passes conditional data through (and
+    fingerprints it, labels included): ``{"x": image, "cond": {"class_labels": id}}``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, class_names: list[str]):
+        self.images, self.labels, self.class_names = images, labels, list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.images[i], "cond": {"class_labels": self.labels[i]}}
+
+
+def class_info(pipeline: str | Path) -> dict:
+    """A conditional teacher's sidecar, ``{"class_names": [...], "null_class_label": K}``; ``{}`` when
+    the teacher is unconditional."""
+    path = Path(pipeline) / SIDECAR
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class TeacherMethod(LossMethod):
@@ -55,11 +103,13 @@ class TeacherMethod(LossMethod):
 
     name = "teacher"
 
-    def __init__(self, unet: nn.Module, scheduler, optim: OptimizerConfig, settings: dict | None = None):
+    def __init__(self, unet: nn.Module, scheduler, optim: OptimizerConfig, settings: dict | None = None,
+                 null_label: int | None = None, label_dropout: float = 0.0):
         from fewstep.samplers.schedules import DiscreteVPSchedule
 
         schedule = DiscreteVPSchedule.from_diffusers_config(scheduler.config)
-        super().__init__(unet, eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type), optim, settings)
+        loss = eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type, null_label, label_dropout)
+        super().__init__(unet, loss, optim, settings)
 
 
 def _typed(config: TeacherConfig | dict) -> TeacherConfig:
@@ -74,12 +124,33 @@ def build_teacher(config: TeacherConfig | dict):
     return UNet2DModel(**given(config.model)), DDPMScheduler(**given(config.scheduler))
 
 
+def _check_fits(images: Tensor, unet) -> None:
+    if images.shape[1:] != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
+        raise ValueError(f"data of shape {tuple(images.shape[1:])} does not fit the model's "
+                         f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input")
+
+
 def _images(config, unet) -> TensorDataset:
     data = load_images(**given(config.data))
-    if data.shape[1:] != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
-        raise ValueError(f"data of shape {tuple(data.shape[1:])} does not fit the model's "
-                         f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input")
+    _check_fits(data, unet)
     return TensorDataset(data)
+
+
+def _labelled(config, unet) -> LabelledImages:
+    """The data with its labels, checked against the UNet's class ids (classes + 1, the last the null)."""
+    data = load_conditioned(**given(config.data))
+    _check_fits(data.images, unet)
+    if data.labels is None:
+        raise ValueError(f"a class-conditional teacher (model.num_class_embeds) needs class labels; data "
+                         f"{config.data.name!r} has {data.kind}")
+    names = data.class_names or [str(i) for i in range(int(data.labels.max()) + 1)]
+    bad = data.labels[(data.labels < 0) | (data.labels >= len(names))]
+    if len(bad):
+        raise ValueError(f"data labels must lie in [0, {len(names)}) ({len(names)} classes), found {int(bad[0])}")
+    if unet.config.num_class_embeds != len(names) + 1:
+        raise ValueError(f"model.num_class_embeds must be the number of classes + 1 = {len(names) + 1} (the last "
+                         f"id is the null class), got {unet.config.num_class_embeds}")
+    return LabelledImages(data.images, data.labels, names)
 
 
 def _write_json(path: Path, value) -> None:
@@ -96,15 +167,29 @@ def train_teacher(config: TeacherConfig | dict, max_steps: int | None = None, ou
     torch.manual_seed(tc.seed)  # the initial weights are part of the run
     unet, scheduler = build_teacher(config)
     # The recipe holds the keys that are set (not diffusers' defaults), as before the config system.
-    method = TeacherMethod(unet, scheduler, optim, {k: given(getattr(config, k)) for k in ("model", "scheduler", "data")})
+    settings = {k: given(getattr(config, k)) for k in ("model", "scheduler", "data")}
+    conditional = config.model.num_class_embeds is not None
+    null, dropout = None, 0.0
+    if conditional:  # only then in the recipe: unconditional checkpoints keep resuming
+        null = config.model.num_class_embeds - 1
+        dropout = DEFAULT_LABEL_DROPOUT if config.label_dropout is None else config.label_dropout
+        settings["label_dropout"] = dropout
+    method = TeacherMethod(unet, scheduler, optim, settings, null, dropout)
     start = time.perf_counter()
-    # fit loads the data only once the output folder is known to be writable and free
-    result = fit(method, core, lambda: _images(config, unet), max_steps=max_steps)
+    data = {}
+
+    def dataset():  # fit loads the data only once the output folder is known to be writable and free
+        data["set"] = _labelled(config, unet) if conditional else _images(config, unet)
+        return data["set"]
+
+    result = fit(method, core, dataset, max_steps=max_steps)
     out, path = Path(tc.output_dir), Path(tc.output_dir) / "pipeline"
     if result.state.accelerator.is_main_process:
         ema = result.state.ema("model")
         with atomic_dir(path) as tmp:
             DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(tmp)
+            if conditional:
+                _write_json(tmp / SIDECAR, {"class_names": data["set"].class_names, "null_class_label": null})
         _write_json(out / "history.json", result.history)
         _write_json(out / "train_info.json", {
             "steps": result.state.step, "seconds_this_run": time.perf_counter() - start, "seed": tc.seed,
