@@ -229,6 +229,32 @@ def _add_grid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.png", help="image file (default: samples.png)")
 
 
+def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", metavar="DIR", help="a diffusers DDPMPipeline folder (the teacher); required")
+    p.add_argument("--sampler", metavar="NAME", help="deterministic registry sampler to fit (default: dpmpp_2m)")
+    p.add_argument("--nfe", nargs="+", type=_int_at_least(1, "NFE"), metavar="N", help="NFE values (default: 4 6 8)")
+    p.add_argument("--out", metavar="DIR", help="output folder; rerunning into it resumes (default: fewstep-tune)")
+    p.add_argument("--seeds", type=_int_at_least(2, "seeds"), help="fitting seeds (default: 64)")
+    p.add_argument("--val-seeds", type=_int_at_least(2, "val-seeds"), help="held-out seeds (default: 256)")
+    p.add_argument("--ref-steps", type=_int_at_least(10, "ref-steps"),
+                   help="steps of the teacher's DPM-Solver++(2M) reference (default: 100)")
+    p.add_argument("--seed", type=int, help="fitting noise seed; held-out noise uses seed + 1 (default: 0)")
+    p.add_argument("--batch-size", type=_int_at_least(1, "batch-size"), help="images per model call (default: 256)")
+    p.add_argument("--distance", metavar="NAME",
+                   help="per-sample distance to the teacher's endpoint: rms (pixels, default) or a feature "
+                        "extractor (fmnist-classifier, ...: `fewstep fid --extractor`)")
+
+
+def _check_tune(opts: dict) -> None:
+    from fewstep.samplers.registry import make_solver
+
+    if not opts.get("pipeline"):
+        raise ValueError("the teacher is required: --pipeline DIR (or pipeline: in --config)")
+    _check_samplers([opts.get("sampler", "dpmpp_2m")])
+    if make_solver(opts.get("sampler", "dpmpp_2m")).stochastic:
+        raise ValueError(f"sampler {opts['sampler']!r} is stochastic; tune fits deterministic (ODE) samplers")
+
+
 #: Subcommand -> how to run it.
 COMMANDS: dict[str, Command] = {
     "samplers": Command("fewstep.cli", "list_samplers",
@@ -248,6 +274,11 @@ COMMANDS: dict[str, Command] = {
     "grid": Command("fewstep.distill.grid", "cli",
                     "sample an image grid from a diffusers DDPMPipeline with any fewstep sampler",
                     _add_grid_arguments),
+    "tune": Command("fewstep.tune", "main",
+                    "fit a sampler's timestep grid at each NFE to a DDPM pipeline's own ODE trajectories (GITS "
+                    "dynamic programming, then a search on the sampler's endpoint error); saves a scheduler folder "
+                    "(configs/tune_fmnist.yaml)",
+                    _add_tune_arguments, _check_tune, config=True, user_errors=(ValueError, FileNotFoundError)),
     # Training jobs: one entry and one fewstep.config dataclass each.
     "train-teacher": Command("fewstep.distill.teacher", "cli",
                              "train a diffusers UNet2DModel teacher with the training core (accelerate, EMA, "
