@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fewstep.distill.conditioning import GuidedDenoiser
+from fewstep.distill.conditioning import Bound, GuidedDenoiser
 from fewstep.distill.families import load_teacher
 from fewstep.distill.students import load_student
 from fewstep.eval.classifier import DEFAULT_WEIGHTS, FMNISTNet, accuracy
@@ -38,15 +38,7 @@ def teacher_samples(family, noise, labels, scale: float, solver: str, steps: int
     guided = GuidedDenoiser(den, family.null(1), scale)
     out = []
     for x, y in zip(noise.split(250), labels.split(250)):
-        cond = family.encode(y.tolist())
-
-        class Bound(torch.nn.Module):  # the sampler calls denoiser(x, t)
-            schedule = family.schedule
-
-            def forward(self, x, t, cond=cond):
-                return guided(x, t, **cond)
-
-        out.append(Sampler(Bound(), solver, steps=steps).sample(x))
+        out.append(Sampler(Bound(guided, family.encode(y.tolist())), solver, steps=steps).sample(x))
     return torch.cat(out).clamp(-1, 1)
 
 

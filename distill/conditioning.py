@@ -89,6 +89,19 @@ class Bound:
         return Bound(self.denoiser, cond_rows(self.cond, rows))
 
 
+def guided_prediction(denoiser: Denoiser, x: Tensor, t, cond: dict[str, Tensor], null: dict[str, Tensor],
+                      w) -> Prediction:
+    """``x0_u + w (x0_c - x0_u)`` (and the same for ``eps``) from one call over the doubled batch
+    ``[cond; null]``; ``w`` a scalar or per example."""
+    rows = x.shape[0]
+    t = torch.as_tensor(t, dtype=torch.float64)
+    both = denoiser(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, **cond_cat(cond, null))
+    w = broadcast_like(w, x)
+    x0_c, x0_u = both.x0[:rows], both.x0[rows:]
+    eps_c, eps_u = both.eps[:rows], both.eps[rows:]
+    return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))
+
+
 class GuidedDenoiser(Denoiser):
     """Classifier-free guidance of a conditional denoiser, ``x0 = x0_u + w (x0_c - x0_u)`` (and the same for
     ``eps``: both are affine in the output at fixed ``x``), with ``w`` per example from the condition's
@@ -103,14 +116,7 @@ class GuidedDenoiser(Denoiser):
         w = cond.pop(GUIDANCE_KEY, self.scale)
         if not torch.is_tensor(w) and w == 1.0:
             return self.denoiser(x, t, **cond)
-        rows = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t2 = torch.cat([t, t]) if t.ndim else t
-        both = self.denoiser(torch.cat([x, x]), t2, **cond_cat(cond, cond_repeat(self.null, rows)))
-        x0_c, x0_u = both.x0[:rows], both.x0[rows:]
-        eps_c, eps_u = both.eps[:rows], both.eps[rows:]
-        w = broadcast_like(w, x)
-        return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))
+        return guided_prediction(self.denoiser, x, t, cond, cond_repeat(self.null, x.shape[0]), w)
 
 
 class Conditioning:
@@ -225,13 +231,7 @@ class _FakeGuided(Denoiser):
         self.schedule = denoiser.schedule
 
     def forward(self, x: Tensor, t, **cond: Tensor) -> Prediction:
-        rows = x.shape[0]
-        null = cond_repeat(self.null_cond, rows)
+        null = cond_repeat(self.null_cond, x.shape[0])
         if self.keep_w:
             null = {**null, GUIDANCE_KEY: cond[GUIDANCE_KEY]}
-        t = torch.as_tensor(t, dtype=torch.float64)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]) if t.ndim else t, **cond_cat(cond, null))
-        w = broadcast_like(cond[GUIDANCE_KEY] if self.keep_w else self.scale, x)
-        x0_c, x0_u = both.x0[:rows], both.x0[rows:]
-        eps_c, eps_u = both.eps[:rows], both.eps[rows:]
-        return Prediction(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u))
+        return guided_prediction(self.denoiser, x, t, cond, null, cond[GUIDANCE_KEY] if self.keep_w else self.scale)

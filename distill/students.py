@@ -22,6 +22,7 @@ from ..io import atomic_dir
 from ..samplers import Denoiser, ModelDenoiser, Sampler
 from ..samplers.schedules import DiscreteVPSchedule
 from ..samplers.timesteps import ExplicitTimesteps, Grid
+from .conditioning import Bound
 
 __all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "read_student_record",
            "StudentSampler", "student_denoiser", "student_sampler"]
@@ -190,7 +191,7 @@ class StudentSampler(Sampler):
                negative_prompt=None, class_labels=None, guidance_scale=None, output_type: str = "images"):
         """Images in ``[-1, 1]`` (``output_type="latent"``: what the network denoises) from ``x_T``."""
         cond, denoiser = self.conditions(prompt, negative_prompt, class_labels, guidance_scale, rows=x_T.shape[0])
-        self.denoiser = _BoundDenoiser(denoiser, cond) if cond else denoiser
+        self.denoiser = Bound(denoiser, cond) if cond else denoiser
         try:
             x = super().sample(x_T, generator=generator, noise=noise, callback=callback, progress=progress)
         finally:
@@ -200,15 +201,6 @@ class StudentSampler(Sampler):
         if output_type != "images":
             raise ValueError(f"output_type must be 'images' or 'latent', got {output_type!r}")
         return self.family.decode_latents(x) if self.family.latent else x
-
-
-class _BoundDenoiser(Denoiser):
-    def __init__(self, denoiser, cond):
-        super().__init__()
-        self.inner, self.cond, self.schedule = denoiser, cond, denoiser.schedule
-
-    def forward(self, x, t):
-        return self.inner(x, t, **self.cond)
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> StudentSampler:
