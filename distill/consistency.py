@@ -163,8 +163,12 @@ class MultistepConsistency(Method):
                                 self.xvar_frac).mean()
         return {"loss": ctx.update("student", loss)}
 
+    def final_grid(self) -> Grid:
+        """The grid the last student samples on (known before training: ``distill`` checks it can export)."""
+        return self.student_grid()
+
     def final_student(self, state):
-        return self.student_steps, state.ema("student"), self.student_grid(), state
+        return self.student_steps, state.ema("student"), self.final_grid(), state
 
     def recipe(self) -> dict:
         return {"student_steps": self.student_steps, "teacher_steps": [self.teacher_steps, self.teacher_steps_end],

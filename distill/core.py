@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -39,7 +40,8 @@ from fewstep.io import atomic_save
 
 __all__ = ["OptimizerConfig", "Network", "Method", "LossMethod", "StepContext", "TrainState", "CoreConfig",
            "from_train_config", "fit", "StepBatchSampler", "RunLock", "checkpoint_paths", "data_fingerprint",
-           "check_writable", "Interrupted", "Refused", "FolderInUse", "NotWritable"]
+           "check_writable", "Interrupted", "Refused", "FolderInUse", "NotWritable", "NonFiniteLoss",
+           "UnsafeCheckpoint"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +63,8 @@ class OptimizerConfig:
     ema_start: int = 0  # optimizer steps (in the round) before the EMA starts averaging
 
     def __post_init__(self):
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.anneal not in ("constant", "linear"):
             raise ValueError(f"anneal must be 'constant' or 'linear', got {self.anneal!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -156,7 +158,7 @@ class CoreConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     log_every: int = 50
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: accelerate's (``accelerate launch`` / ``accelerate config``), else no
     cpu: bool = False
     progress: bool = True
 
@@ -167,8 +169,25 @@ class CoreConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.batch_size % self.accumulation:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulation {self.accumulation}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in (None, *PRECISIONS):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16' (or unset: accelerate's), got "
+                             f"{self.mixed_precision!r}")
+
+
+PRECISIONS = ("no", "fp16", "bf16")
+#: Where ``accelerate launch --mixed_precision`` and ``accelerate config`` leave their choice for the process.
+LAUNCH_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+def resolve_precision(configured: str | None, launched: str | None) -> str:
+    """The one rule: the training config's ``mixed_precision`` when set, else the launcher's
+    (``accelerate launch`` / ``accelerate config``), else ``no``. Both set and different is an error: a
+    silent choice would train a model in a precision the user did not ask for."""
+    launched = launched or None
+    if configured is not None and launched is not None and configured != launched:
+        raise ValueError(f"train.mixed_precision={configured} but accelerate launch/config set {launched}; set only "
+                         f"one (or make them equal)")
+    return configured or launched or "no"
 
 
 #: Settings that may change between a checkpoint and the run resuming it.
@@ -331,7 +350,7 @@ class StepContext:
         if not spec.trainable:
             raise ValueError(f"network {name!r} is frozen; only trainable networks can be updated")
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"non-finite loss {float(loss.detach())} for {name!r} at step {state.step}; "
+            raise NonFiniteLoss(f"non-finite loss {float(loss.detach())} for {name!r} at step {state.step}; "
                                      "lower the learning rate or check the data")
         module, opt = state.modules[name], state.optimizers[name]
         last = self.micro == self.config.accumulation - 1
@@ -441,6 +460,16 @@ class Refused(ValueError):
     exit_code = 2  # the ``fewstep`` command prints it as one line, like a config error
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A loss went NaN or infinite: the run stops before the update (its last checkpoint is intact)."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpoint(Refused):
+    """A checkpoint file that holds more than tensors and plain data: loading it could run code."""
+
+
 class FolderInUse(RuntimeError):
     """Another run holds the output folder's lock."""
 
@@ -463,13 +492,21 @@ class RunLock:
     def __enter__(self):
         import fcntl
 
-        self.handle = open(self.path, "w")
+        try:  # never through a link, never truncating: a planted .lock symlink must not clobber its target
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise Refused(f"{self.path} is a symbolic link; fewstep does not follow it. Delete it (and check "
+                              "who made it) or choose another output_dir") from None
+            raise
+        self.handle = os.fdopen(fd, "w")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.handle.close()
             raise FolderInUse(f"{self.path.parent} is in use by another run (lock {self.path}); "
                                "wait for it or choose another output_dir") from None
+        self.handle.truncate(0)
         self.handle.write(str(os.getpid()))
         self.handle.flush()
         return self
@@ -522,11 +559,18 @@ class FitResult:
     examples: int | None = None  # size of the dataset it trained on
 
 
-def _recipe(config: CoreConfig, method: Method, data: dict | None, nets: dict[str, Network]) -> dict:
+def _recipe(config: CoreConfig, method: Method, data: dict | None, nets: dict[str, Network], rounds: list[int],
+            settings: dict | None, accelerator) -> dict:
     train = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
+    train["mixed_precision"] = accelerator.mixed_precision  # what ran, however it was chosen
     optimizers = {name: asdict(net.optim) for name, net in nets.items() if net.trainable}
-    return json.loads(json.dumps({"method": method.name, "train": train, "optimizers": optimizers,
-                                  "settings": method.recipe(), "data": data}, sort_keys=True, default=str))
+    recipe = {"method": method.name, "train": train, "optimizers": optimizers, "settings": method.recipe(),
+              "data": data}
+    if len(rounds) > 1:  # steps set every round's length: a changed steps would cut a round short or stretch it
+        recipe["rounds"] = rounds
+    if settings is not None:
+        recipe["run"] = settings
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
 
 
 def _changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -538,23 +582,43 @@ def _changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, unpickled with ``weights_only=True`` (tensors and plain data only), so a planted file
+    cannot run code. A file that needs more is refused (``UnsafeCheckpoint``), not skipped: a run must not
+    quietly start over beside it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "global" in str(err).lower():
+            raise UnsafeCheckpoint(f"{path} holds Python objects other than tensors and plain data, and loading "
+                                   "it could run code; fewstep checkpoints never do. Delete it if you did not "
+                                   "write it, or use a new output_dir") from None
+        raise
+
+
 def _load_latest(folder: Path) -> tuple[dict | None, Path | None]:
     """The newest checkpoint that loads; a torn or corrupt newer one is reported and skipped."""
     for path in reversed(checkpoint_paths(folder)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False), path
+            return load_checkpoint(path), path
+        except UnsafeCheckpoint:
+            raise
         except Exception as err:  # noqa: BLE001 - any unreadable file: fall back to the previous one
             print(f"warning: skipping unreadable checkpoint {path} ({type(err).__name__}: {err})")
     return None, None
 
 
 def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Dataset] | None = None,
-        accelerator=None, max_steps: int | None = None, log=print) -> FitResult:
+        accelerator=None, max_steps: int | None = None, log=print, settings: dict | None = None) -> FitResult:
     """Train ``method`` to ``config.steps`` optimizer steps (or ``max_steps`` more), resuming from the
     newest checkpoint in ``config.output_dir`` when one exists.
 
     ``dataset`` may be a function returning the dataset: it is called only once the output folder has
     proved writable and its lock is held, so a run that cannot start says so before loading any data.
+    ``settings`` (plain data: the job's own configuration, e.g. where each network starts) join the recipe,
+    so a resumed run that changes any of them is refused, naming it.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -562,7 +626,8 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
     if method.needs_data and dataset is None:
         raise ValueError(f"method {method.name!r} trains on data; give it a dataset")
     if accelerator is None:
-        accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+        precision = resolve_precision(config.mixed_precision, os.environ.get(LAUNCH_PRECISION))
+        accelerator = Accelerator(cpu=config.cpu, mixed_precision=precision,
                                   dataloader_config=DataLoaderConfiguration(split_batches=True))
     if config.batch_size // config.accumulation % accelerator.num_processes:
         raise ValueError(f"a micro-batch of {config.batch_size // config.accumulation} does not split over "
@@ -582,13 +647,19 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
         caught = held.enter_context(_deferred_signals())
         torch.manual_seed(config.seed)  # network initialisation inside the method happens before this
         nets = method.networks()
-        recipe = _recipe(config, method, fingerprint, nets)
+        recipe = _recipe(config, method, fingerprint, nets, rounds, settings, accelerator)
         state = TrainState(nets, accelerator)
         result = FitResult(state, state.history, examples=len(dataset) if dataset is not None else None)
         saved, path = _load_latest(out)
         if saved is not None:
             changed = _changes(saved.get("recipe"), recipe)
+            if any(c.startswith("rounds:") for c in changed):
+                was = sum(saved["recipe"]["rounds"]) if isinstance(saved["recipe"].get("rounds"), list) else "?"
+                raise Refused(f"{path}: train.steps sets the length of each of {method.name}'s {len(rounds)} rounds, "
+                              f"so it cannot change mid-run ({was} -> {config.steps}); resume with train.steps={was} "
+                              "or use a new output_dir")
             if changed:
+                changed = [c.removeprefix("run.") for c in changed]  # the job's own keys, as the user spells them
                 raise Refused(f"{path} was written by a different run ({'; '.join(changed)}); use a new "
                               "output_dir, or delete its checkpoints to start over")
             if saved["state"]["counters"]["step"] > config.steps:
@@ -638,6 +709,8 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
                     step_losses = method.train_step(ctx, batch)
                 for k, v in step_losses.items():
                     losses[k] = losses.get(k, 0.0) + float(v) / config.accumulation
+            if accelerator.num_processes > 1:  # log the whole batch's losses, not this process's share
+                losses = _mean_over_processes(losses, accelerator)
             _advance(state, rounds)
             window_steps += 1
             for k, v in losses.items():
@@ -666,6 +739,14 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
         if bar is not None:
             bar.close()
     return result
+
+
+def _mean_over_processes(losses: dict[str, float], accelerator) -> dict[str, float]:
+    """Each loss averaged over the processes (their shares of the batch are equal, so this is the loss of
+    the whole batch, as one process would log it)."""
+    names = sorted(losses)
+    values = torch.tensor([losses[n] for n in names], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
 
 
 def _advance(state: TrainState, rounds: list[int]) -> None:

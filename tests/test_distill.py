@@ -264,6 +264,12 @@ def test_two_cpu_processes_train_the_same_student_as_one(tiny_teacher, idx_folde
     # Adam normalises the update, so float-rounding differences in the all-reduced gradient show at ~1e-5
     # after 4 steps of lr 1e-3; a wrong batch split or noise would differ at the size of the updates.
     assert diff < 1e-4 and diff < 0.01 * changed, (diff, changed)
+    # the logged losses are the whole batch's (all-reduced), not process 0's half
+    import json
+
+    logs = [json.loads((tmp_path / run / "history.json").read_text())[-1] for run in ("one", "two")]
+    losses = [k for k in logs[0] if k not in ("step", "round", "steps_per_s", "seconds")]
+    assert losses and all(abs(logs[0][k] - logs[1][k]) <= 1e-4 * abs(logs[0][k]) for k in losses), logs
 
 
 @pytest.mark.parametrize("name,steps", [("progressive-8", 8), ("progressive-4", 4), ("progressive-2", 2),
