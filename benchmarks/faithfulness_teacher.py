@@ -1,11 +1,15 @@
 """The reference-code options on the embedded teacher: FD-fmnist of each variant, same seeds.
 
-    python benchmarks/faithfulness_teacher.py [--n 1000] [--only timeshift dpmpp_3m] [--results FILE]
+    python benchmarks/faithfulness_teacher.py [--n 1000] [--only timeshift midpoint dpmpp_3m] [--results FILE]
 
 ``timeshift``: plain DDIM / PNDM against Time-Shift at window 30, cutoff 300, 10 steps, in model-time
 (``TimeShiftDenoiser``) and target-time (``TimeShift``, the official PNDM/DDIM loop) mode, on our default
 grid ("trailing", 999 ... 99 -> clean data), diffusers' "leading" grid (900 ... 0 -> clean data) and the
 official TS-DPM grid (``--sample_speed 10``: 801, 701, ..., 1 -> t = 0, i.e. nine steps).
+``midpoint``: F-PNDM under target-time shifting on the official grid, window 30, cutoff 300, with the
+Runge-Kutta midpoint read at its floor as the official ``transfer`` does (``prk_midpoint="floor"``) against
+fewstep's interpolated schedule (the default): the max and mean |difference| of the images (before
+clamping).
 ``dpmpp_3m``: DPM-Solver++(3M) with our third-order weight ("taylor") against the reference code's
 ("reference") at NFE 4-20 on the default grid, with DPM-Solver++(2M) beside them.
 Every cell is one JSON line in ``--results`` (default /tmp/faithfulness_teacher.jsonl); a rerun skips
@@ -48,7 +52,13 @@ def timeshift_cells(window=30.0, cutoff=300.0):
         yield f"ts/{grid}/pndm/plain", dict(grid=grid, solver="pndm")
         yield f"ts/{grid}/pndm/target", dict(grid=grid, solver=TimeShift("pndm", **target))
         yield f"ts/{grid}/pndm/target-stretch", dict(grid=grid, solver=TimeShift("pndm", prk="stretch", **target))
+        yield f"ts/{grid}/pndm/target-floor", dict(grid=grid, solver=TimeShift("pndm", prk_midpoint="floor", **target))
         yield f"ts/{grid}/pndm/model", dict(grid=grid, solver="pndm", model_time=(window, cutoff))
+
+
+def midpoint_cells(window=30.0, cutoff=300.0):
+    yield "midpoint/official/pndm", dict(pair=[TimeShift("pndm", window, cutoff, prk_midpoint=rule)
+                                               for rule in ("floor", "interpolate")])
 
 
 def dpmpp_3m_cells(nfes=(4, 5, 6, 8, 10, 12, 15, 20)):
@@ -76,8 +86,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", default=["timeshift", "dpmpp_3m", "accuracy"],
-                   choices=["timeshift", "dpmpp_3m", "accuracy"])
+    p.add_argument("--only", nargs="+", default=["timeshift", "midpoint", "dpmpp_3m", "accuracy"],
+                   choices=["timeshift", "midpoint", "dpmpp_3m", "accuracy"])
     p.add_argument("--accuracy-n", type=int, default=250)
     p.add_argument("--reference-steps", type=int, default=200)
     p.add_argument("--results", default="/tmp/faithfulness_teacher.jsonl")
@@ -98,6 +108,8 @@ def main(argv=None):
     cells = []
     if "timeshift" in args.only:
         cells += list(timeshift_cells())
+    if "midpoint" in args.only:
+        cells += list(midpoint_cells())
     if "dpmpp_3m" in args.only:
         cells += list(dpmpp_3m_cells())
     if "accuracy" in args.only:
@@ -116,6 +128,16 @@ def main(argv=None):
                 out = build(den, cell).sample(x_acc)
             row = {"cell": name, "rmse_to_200_step_2m": float((out - reference).pow(2).mean().sqrt()),
                    "n": args.accuracy_n, "seconds": round(time.perf_counter() - start, 1)}
+            print(json.dumps(row), flush=True)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
+        if name.startswith("midpoint/"):
+            with torch.no_grad():
+                floor, interpolated = (Sampler(den, solver, **GRIDS["official"]).sample(x_T) for solver in cell["pair"])
+            diff = (floor - interpolated).abs()
+            row = {"cell": name, "max_abs_difference": float(diff.max()), "mean_abs_difference": float(diff.mean()),
+                   "n": args.n, "seconds": round(time.perf_counter() - start, 1)}
             print(json.dumps(row), flush=True)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

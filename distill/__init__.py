@@ -1,5 +1,5 @@
 """fewstep.distill: the training core and the trainers on it -- teachers, MR restoration models and
-few-step students (progressive distillation, multistep consistency; f-distill and SIM to come), the
+few-step students (progressive distillation, multistep consistency, f-distill, score implicit matching), the
 students exposed through the samplers' interface (``load_student``) and saved as diffusers pipelines."""
 
 if __name__ != "fewstep.distill":  # the checkout's folder imported as a top-level package

@@ -14,6 +14,10 @@ Every trainer calls its networks through ``Conditioning``: ``teacher(net, ...)``
 For f-distill and SIM, ``fake_guided`` says whether the fake score is guided too (SiD-LSG) or only the teacher
 (DMD2, FastGen: the default); a guided fake score needs the null condition in its training, so its
 denoising loss drops conditions with probability ``fake_dropout``.
+
+With a ``LoRA`` (``lora``), every student, generator and (when ``lora.fake``) fake score that
+``student_network`` makes is the copied network with frozen weights plus trainable LoRA factors (``lora.inject``);
+a guidance embedding the student gains (w-conditioned) is new, so it trains in full.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 from ..samplers import Denoiser, ModelDenoiser
 from ..samplers.denoisers import Prediction, broadcast_like
 from .families import GUIDANCE_KEY, Family, cond_cat, cond_repeat, cond_rows, cond_without
+from .lora import LoRA, inject
 
 __all__ = ["GUIDANCE_MODES", "Guidance", "Bound", "GuidedDenoiser", "Conditioning", "split_batch"]
 
@@ -127,8 +132,8 @@ class Conditioning:
     """
 
     def __init__(self, family: Family | None = None, guidance: Guidance | None = None,
-                 null: dict[str, Tensor] | None = None):
-        self.family, self.guidance = family, guidance or Guidance()
+                 null: dict[str, Tensor] | None = None, lora: LoRA | None = None):
+        self.family, self.guidance, self.lora = family, guidance or Guidance(), lora
         if self.guidance.active:
             if null is None:
                 if family is None or not family.conditional:
@@ -140,21 +145,32 @@ class Conditioning:
     def student_takes_guidance(self) -> bool:
         return self.guidance.mode == "conditioned"
 
-    def student_network(self, module: nn.Module) -> nn.Module:
-        """A trainable copy of ``module`` for a student (or fake score): with the family's guidance-scale
-        input when the student is w-conditioned."""
+    def student_network(self, module: nn.Module, fake: bool = False) -> nn.Module:
+        """A trainable copy of ``module`` for a student (``fake``: the fake score): with the family's
+        guidance-scale input when the student is w-conditioned; with a LoRA (all of ``module``'s weights frozen)
+        when one is configured (for the fake score: when ``lora.fake``)."""
         import copy
 
         net = copy.deepcopy(module)
         if self.student_takes_guidance and not isinstance(net, Denoiser):
             net = self.family.with_guidance_input(net)
-        return net.train().requires_grad_(True)
+        net = net.train().requires_grad_(True)
+        if self.lora is None or (fake and not self.lora.fake) or isinstance(net, Denoiser):
+            return net
+        new = {name for name, _ in net.named_parameters()} - {name for name, _ in module.named_parameters()}
+        inject(net, self.lora)
+        for name, param in net.named_parameters():
+            if name in new:  # a layer the copy gained (the guidance embedding): not the teacher's, so trained
+                param.requires_grad_(True)
+        return net
 
     def recipe(self) -> dict:
         """What a resumed run must share: the guidance and the teacher's identity."""
         from dataclasses import asdict
 
         out = {"guidance": asdict(self.guidance)}
+        if self.lora is not None:
+            out["lora"] = self.lora.recipe()
         if self.family is not None:
             out["teacher"] = self.family.describe()["id"]
         return out

@@ -126,8 +126,7 @@ class MultistepConsistency(Method):
         if variant == "training" and self.cond.guidance.active:
             raise ValueError("consistency training (variant training) has no teacher to guide; use guidance.mode none")
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if variant == "distillation" else None
-        self.student = (self.cond.student_network(teacher) if student is None
-                        else copy.deepcopy(student).train().requires_grad_(True))
+        self.student = self.cond.student_network(teacher if student is None else student)
         self.optim = optim or OptimizerConfig(lr=1e-4)
         self._grids: dict[int, Grid] = {}
 

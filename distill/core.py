@@ -161,6 +161,8 @@ class CoreConfig:
     mixed_precision: str | None = None  # None: accelerate's (``accelerate launch`` / ``accelerate config``), else no
     cpu: bool = False
     progress: bool = True
+    frozen_dtype: str = "float32"  # frozen networks' weights (a teacher): float32, bfloat16 or float16
+    gradient_checkpointing: bool = False  # trainable diffusers networks recompute activations in the backward
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -169,12 +171,15 @@ class CoreConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.batch_size % self.accumulation:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulation {self.accumulation}")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.frozen_dtype!r}")
         if self.mixed_precision not in (None, *PRECISIONS):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16' (or unset: accelerate's), got "
                              f"{self.mixed_precision!r}")
 
 
 PRECISIONS = ("no", "fp16", "bf16")
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Where ``accelerate launch --mixed_precision`` and ``accelerate config`` leave their choice for the process.
 LAUNCH_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
@@ -191,7 +196,8 @@ def resolve_precision(configured: str | None, launched: str | None) -> str:
 
 
 #: Settings that may change between a checkpoint and the run resuming it.
-RESUMABLE = ("output_dir", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "cpu")
+RESUMABLE = ("output_dir", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "cpu",
+             "gradient_checkpointing")
 
 
 def from_train_config(train) -> tuple[CoreConfig, OptimizerConfig]:
@@ -201,7 +207,8 @@ def from_train_config(train) -> tuple[CoreConfig, OptimizerConfig]:
                       accumulation=train.gradient_accumulation_steps, seed=train.seed,
                       checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
                       log_every=train.log_every, mixed_precision=train.mixed_precision, cpu=train.cpu,
-                      progress=train.progress)
+                      progress=train.progress, frozen_dtype=train.frozen_dtype,
+                      gradient_checkpointing=train.gradient_checkpointing)
     optim = OptimizerConfig(lr=train.lr, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
                             grad_clip=train.grad_clip, ema_decay=train.ema_decay, ema_start=train.ema_start)
     return core, optim
@@ -210,7 +217,8 @@ def from_train_config(train) -> tuple[CoreConfig, OptimizerConfig]:
 class TrainState:
     """Networks, optimizers, EMAs and counters of a run; ``state_dict`` is the checkpoint."""
 
-    def __init__(self, nets: dict[str, Network], accelerator):
+    def __init__(self, nets: dict[str, Network], accelerator, frozen_dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False):
         self.accelerator = accelerator
         self.specs = nets
         self.modules: dict[str, nn.Module] = {}
@@ -221,21 +229,27 @@ class TrainState:
         for name, net in nets.items():
             if net.trainable:
                 self.modules[name] = net.module.train()
+                if gradient_checkpointing and hasattr(net.module, "enable_gradient_checkpointing"):
+                    net.module.enable_gradient_checkpointing()
                 if net.optim.ema_decay is not None:
                     self.emas[name] = _frozen_copy(net.module).to(accelerator.device)
             else:
-                self.modules[name] = net.module.to(accelerator.device).eval().requires_grad_(False)
+                # weights in frozen_dtype; a parameter-free module (statistics buffers) keeps its own
+                param = next(net.module.parameters(), None)
+                dtype = frozen_dtype if param is not None and param.dtype != frozen_dtype else None
+                self.modules[name] = net.module.to(accelerator.device, dtype).eval().requires_grad_(False)
         self.reset_optimizers()
 
     def reset_optimizers(self) -> None:
-        """Fresh optimizers for every trainable network (each round starts with its own)."""
+        """Fresh optimizers for every trainable network (each round starts with its own), over the parameters
+        that require gradients (a LoRA student's factors, not its frozen base weights)."""
         for name, net in self.specs.items():
             if not net.trainable:
                 continue
             module = self.accelerator.unwrap_model(self.modules[name])
             o = net.optim
-            opt = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                    weight_decay=o.weight_decay)
+            params = [p for p in module.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
             self.modules[name], self.optimizers[name] = self.accelerator.prepare(module, opt)
 
     def net(self, name: str) -> nn.Module:
@@ -362,7 +376,13 @@ class StepContext:
                 acc.clip_grad_norm_(module.parameters(), spec.optim.grad_clip)
             for group in opt.param_groups:
                 group["lr"] = spec.optim.lr_at(state.step_in_round, self.round_length)
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as err:  # AdamW at an absurd lr: its float32 step overflows inside torch
+                if "overflow" not in str(err):
+                    raise
+                raise NonFiniteLoss(f"the update of {name!r} at step {state.step} overflows float32 (lr "
+                                    f"{opt.param_groups[0]['lr']:g}); lower the learning rate") from None
             opt.zero_grad(set_to_none=True)
             if name in state.emas:
                 started = state.step_in_round >= spec.optim.ema_start
@@ -648,10 +668,13 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
         torch.manual_seed(config.seed)  # network initialisation inside the method happens before this
         nets = method.networks()
         recipe = _recipe(config, method, fingerprint, nets, rounds, settings, accelerator)
-        state = TrainState(nets, accelerator)
+        state = TrainState(nets, accelerator, FROZEN_DTYPES[config.frozen_dtype], config.gradient_checkpointing)
         result = FitResult(state, state.history, examples=len(dataset) if dataset is not None else None)
         saved, path = _load_latest(out)
         if saved is not None:
+            if saved["state"]["counters"]["step"] > config.steps:
+                raise Refused(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
+                              f"steps {config.steps}; raise steps to continue it or use a new output_dir")
             changed = _changes(saved.get("recipe"), recipe)
             if any(c.startswith("rounds:") for c in changed):
                 was = sum(saved["recipe"]["rounds"]) if isinstance(saved["recipe"].get("rounds"), list) else "?"
@@ -662,9 +685,6 @@ def fit(method: Method, config: CoreConfig, dataset: Dataset | Callable[[], Data
                 changed = [c.removeprefix("run.") for c in changed]  # the job's own keys, as the user spells them
                 raise Refused(f"{path} was written by a different run ({'; '.join(changed)}); use a new "
                               "output_dir, or delete its checkpoints to start over")
-            if saved["state"]["counters"]["step"] > config.steps:
-                raise Refused(f"{path} is at step {saved['state']['counters']['step']}, past the configured "
-                              f"steps {config.steps}; raise steps to continue it or use a new output_dir")
             state.load_state_dict(saved["state"])
             state.history[:] = saved.get("history", [])
             result.resumed_from = state.step

@@ -35,9 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["F_DIVERGENCES", "f_function", "f_weight", "density_ratio", "bin_index", "bin_totals",
+__all__ = ["F_DIVERGENCES", "f_function", "f_weight", "density_ratio", "time_bins", "bin_totals",
            "normalise_by_bins", "normalise_weight", "dmd_normaliser", "matching_gradient", "vsd_loss",
-           "pseudo_huber_grad", "sim_distance", "sim_distance_grad", "sim_loss", "sid_loss"]
+           "pseudo_huber_grad", "sim_distance", "sim_distance_grad", "sim_loss", "sid_loss",
+           "sim_generator_loss"]
 
 
 def _jeffreys(r):
@@ -90,10 +91,15 @@ def density_ratio(logit: Tensor, lower: float = 0.1, upper: float = 20.0, logit_
     return torch.exp(logit.clamp(-logit_clamp, logit_clamp)).clamp(lower, upper)
 
 
-def bin_index(t_frac: Tensor, n_bins: int) -> Tensor:
-    """The time bin of each example: ``t_frac`` in ``[0, 1]`` (position of ``t`` in the sampled range)
-    cut into ``n_bins`` equal bins."""
-    return (t_frac.detach().float() * n_bins).long().clamp(0, n_bins - 1)
+def time_bins(t: Tensor, lo: float, hi: float, n_bins: int) -> Tensor:
+    """The time bin of each example: ``[lo, hi]`` cut into ``n_bins`` equal bins, FastGen's formula
+    ``floor((t - lo) / ((hi - lo) / n_bins))`` in float64, clamped to ``[0, n_bins - 1]``. fewstep's
+    default bins the sampled range (``lo, hi`` = the first and last timestep ``min_t``..``max_t`` can
+    draw); FastGen bins the schedule's whole range (``0 .. T - 1`` for a discrete schedule)."""
+    if not hi > lo:
+        raise ValueError(f"time bins need hi > lo, got lo={lo}, hi={hi}")
+    width = (float(hi) - float(lo)) / n_bins
+    return ((t.detach().double() - float(lo)) / width).floor().long().clamp(0, n_bins - 1)
 
 
 def bin_totals(r: Tensor, bins: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
@@ -107,8 +113,9 @@ def bin_totals(r: Tensor, bins: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
 def normalise_by_bins(r: Tensor, bins: Tensor, sums: Tensor, counts: Tensor, ema: Tensor | None = None,
                       ema_rate: float = 0.0) -> tuple[Tensor, Tensor]:
     """``r / mean_bin(r)`` with the bin means (from the all-reduced ``sums / counts``) smoothed by an EMA:
-    ``m <- rate m + (1 - rate) batch_mean`` where the batch has examples in the bin (``ema`` starts as
-    ``None``: the batch means). Returns ``(r normalised, new bin means)``; in fp32, ``nan_to_num``."""
+    ``m <- rate m + (1 - rate) batch_mean`` where the batch has examples in the bin. ``ema`` ``None``
+    starts it at the batch means (fewstep's default); FastGen starts it at ones (pass ``ones``; the same
+    when ``rate = 0``). Returns ``(r normalised, new bin means)``; in fp32, ``nan_to_num``."""
     batch = sums / counts.clamp_min(1)
     seen = counts > 0
     if ema is None:
@@ -206,3 +213,22 @@ def sid_loss(x: Tensor, x_hat_teacher: Tensor, x_hat_fake: Tensor, alpha: float 
     (f_phi - f_psi))``; at ``alpha = 1`` it is ``sim_loss(..., "l2") / 2``."""
     diff = x_hat_teacher - x_hat_fake
     return (diff * ((x_hat_teacher - x) - alpha * diff)).flatten(1).sum(1)
+
+
+def sim_generator_loss(x: Tensor, x_hat_teacher: Tensor, x_hat_fake: Tensor, objective: str = "sim",
+                       distance: str = "pseudo_huber", c: float = 1.0, sid_alpha: float = 1.2,
+                       normalise: bool = False) -> Tensor:
+    """Per-example generator loss of ``objective`` ``sim`` (``sim_loss``) or ``sid`` (``sid_loss``), in
+    fp32, ``nan_to_num``; ``normalise`` multiplies it by DMD's ``dmd_normaliser(x, x_hat_teacher)``.
+
+    SIM's own loss has no such weight (its expected gradient is then exactly the gradient of SIM's
+    divergence, tests/test_matching_reference.py); SiD's code divides by ``sg(mean|x - f_phi|)``, so
+    SiD's reference setting is ``normalise=True``."""
+    if objective == "sim":
+        per = sim_loss(x, x_hat_teacher, x_hat_fake, distance, c)
+    elif objective == "sid":
+        per = sid_loss(x, x_hat_teacher, x_hat_fake, sid_alpha)
+    else:
+        raise ValueError(f"unknown score-matching objective {objective!r}; expected 'sim' or 'sid'")
+    per = torch.nan_to_num(_wide(per))
+    return per * dmd_normaliser(x, x_hat_teacher) if normalise else per

@@ -17,13 +17,15 @@ Networks (research note distill.md 2.2, 3.3, 5):
 
 Each core step updates the critics (fake, then disc) once; every ``update_ratio``-th step (the last of
 each group) the generator too (DMD2's order: the critics lead, 5 : 1 by default; SiD and SIM 1 : 1).
-Timesteps are drawn uniformly from the integer timesteps in ``[min_t, max_t]`` of the schedule's
+``reference="fastgen"`` is NVIDIA FastGen's f-distill instead (``updates_at``): a step updates the
+generator *or* the critics, so ``update_ratio`` 5 (FastGen's ``student_update_freq``) is 4 critic
+updates per generator update; its ratio EMA starts at ones and its time bins cut the schedule's whole
+range. Timesteps are drawn uniformly from the integer timesteps in ``[min_t, max_t]`` of the schedule's
 training range (DMD2: 2%..98%); the fake network's DSM uses the whole range.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -34,17 +36,41 @@ from torch import Tensor, nn
 from ..samplers.timesteps import DiffusersSpacing, Grid
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
-from .fdiv import (F_DIVERGENCES, bin_index, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
-                   normalise_by_bins, normalise_weight, sid_loss, sim_loss, vsd_loss)
+from .fdiv import (F_DIVERGENCES, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
+                   normalise_by_bins, normalise_weight, sim_generator_loss, sim_loss, time_bins, vsd_loss)
 from .progressive import check_student_steps
 
-__all__ = ["OBJECTIVES", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
+__all__ = ["OBJECTIVES", "REFERENCES", "updates_at", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
 
 #: objective -> what it is.
 OBJECTIVES = {"f_distill": "f-distill: h(r)-weighted score difference, DMD-normalised (f=rkl: DMD2)",
               "diff_instruct": "Diff-Instruct: reverse-KL, no normalisation",
-              "sim": "Score Implicit Matching, pseudo-Huber or squared-L2 distance",
-              "sid": "SiD: (f_phi - f_psi)^T((f_phi - x) - alpha (f_phi - f_psi)), DMD-normalised"}
+              "sim": "Score Implicit Matching, pseudo-Huber or squared-L2 distance, unnormalised (SIM's own loss; "
+                     "dmd_normaliser adds DMD's 1 / mean|x - x_hat_teacher|)",
+              "sid": "SiD: (f_phi - f_psi)^T((f_phi - x) - alpha (f_phi - f_psi)), DMD-normalised (SiD's code)"}
+
+#: f-distill / Diff-Instruct's ``reference`` -> what it sets (docs/distribution_matching.md).
+REFERENCES = {"dmd2": "DMD2's count (every step updates the critics, every update_ratio-th the generator too), "
+                      "ratio EMA from the first batch's bin means, time bins over the sampled [min_t, max_t]",
+              "fastgen": "NVIDIA FastGen's f-distill: a step updates the generator or the critics (update_ratio "
+                         "= student_update_freq: update_ratio - 1 critic updates per generator update), ratio "
+                         "EMA from ones, time bins over the schedule's whole range"}
+
+
+def updates_at(step: int, update_ratio: int, reference: str = "dmd2") -> tuple[bool, bool]:
+    """``(critics, generator)``: which networks core step ``step`` (0-based) updates.
+
+    ``dmd2`` (DMD2's ``train_edm.py``): the critics every step, the generator on every ``update_ratio``-th
+    too (the last of each group), so ``update_ratio`` critic updates per generator update. ``fastgen``
+    (``DMD2Model.single_train_step``, iterations counted from 1): iteration ``step + 1`` updates the
+    generator if ``iteration % update_ratio == 0``, else the critics: ``update_ratio - 1`` per generator
+    update."""
+    generator = (step + 1) % update_ratio == 0
+    if reference == "fastgen":
+        return not generator, generator
+    if reference == "dmd2":
+        return True, generator
+    raise ValueError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
 
 
 class FeatureHead(nn.Module):
@@ -127,8 +153,12 @@ class DistributionMatching(Method):
     term ``softplus(-D)``; ``r1_weight``: FastGen's finite-difference R1 on real inputs;
     ``ratio_clamp``: ``(lower, upper)`` of ``r``; ``ratio_bins`` / ``ratio_ema``: per-time-bin
     normalisation of ``r`` (0 bins: off); ``distance`` / ``huber_c``: SIM's ``d``; ``sid_alpha``: SiD's
-    alpha (1: SIM with squared L2). ``generator_init``: a module to start the generator from instead of
-    the teacher (e.g. another method's one-step student; it must predict ``prediction_type``).
+    alpha (1: SIM with squared L2); ``reference``: f-distill's and Diff-Instruct's update count, ratio EMA
+    start and time bins, ``"dmd2"`` or ``"fastgen"`` (``REFERENCES``); ``dmd_normaliser``: SIM / SiD
+    weight each example's loss by DMD's ``1 / mean|x - x_hat_teacher|`` (``None``: each one's reference,
+    off for SIM, on for SiD, whose code divides by it). ``generator_init``: a module to start the
+    generator from instead of the teacher (e.g. another method's one-step student; it must predict
+    ``prediction_type``).
     """
 
     name = "matching"
@@ -139,7 +169,8 @@ class DistributionMatching(Method):
                  r1_weight: float = 0.0, r1_sigma: float = 0.1, ratio_clamp: tuple[float, float] = (0.1, 20.0),
                  ratio_bins: int = 10, ratio_ema: float = 0.0, min_t: float = 0.02, max_t: float = 0.98,
                  distance: str = "pseudo_huber", huber_c: float = 1.0, sid_alpha: float = 1.2,
-                 optim: OptimizerConfig | None = None, critic_optim: OptimizerConfig | None = None,
+                 dmd_normaliser: bool | None = None, reference: str = "dmd2", optim: OptimizerConfig | None = None,
+                 critic_optim: OptimizerConfig | None = None,
                  generator_init: nn.Module | None = None, name: str | None = None,
                  conditioning: Conditioning | None = None):
         if objective not in OBJECTIVES:
@@ -152,6 +183,13 @@ class DistributionMatching(Method):
         if not isinstance(update_ratio, int) or isinstance(update_ratio, bool) or update_ratio < 1:
             raise ValueError(f"update_ratio (critic updates per generator update) must be an integer >= 1, "
                              f"got {update_ratio!r}")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
+        if reference == "fastgen" and objective in ("sim", "sid"):
+            raise ValueError("reference 'fastgen' is f-distill's (FastGen has no SIM / SiD); leave it at 'dmd2'")
+        if reference == "fastgen" and update_ratio < 2:
+            raise ValueError("with reference 'fastgen' a step updates the generator or the critics, so "
+                             f"update_ratio (FastGen's student_update_freq) must be >= 2, got {update_ratio}")
         lower, upper = ratio_clamp
         if not 0 < lower < upper:
             raise ValueError(f"ratio clamps must satisfy 0 < lower < upper, got {lower} and {upper}")
@@ -169,14 +207,19 @@ class DistributionMatching(Method):
                              "discriminator: set discriminator true (with real data), or use f 'rkl'")
         if objective in ("sim", "sid", "diff_instruct") and discriminator:
             raise ValueError(f"objective {objective!r} has no GAN term here; the discriminator is f_distill's")
+        if dmd_normaliser is not None and objective not in ("sim", "sid"):
+            raise ValueError(f"dmd_normaliser is SIM's and SiD's option; {objective!r} fixes its own weight "
+                             "(f_distill: DMD's, diff_instruct: none)")
         self.name = name or ("sim" if objective in ("sim", "sid") else "fdistill")
         self.schedule, self.objective, self.f = schedule, objective, f
         self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
-        self.update_ratio, self.discriminator, self.needs_data = update_ratio, discriminator, discriminator
+        self.update_ratio, self.reference = update_ratio, reference
+        self.discriminator, self.needs_data = discriminator, discriminator
         self.gan_weight, self.r1_weight, self.r1_sigma = gan_weight, r1_weight, r1_sigma
         self.ratio_clamp, self.ratio_bins, self.ratio_ema = (float(lower), float(upper)), ratio_bins, ratio_ema
         self.min_t, self.max_t = min_t, max_t
         self.distance, self.huber_c, self.sid_alpha = distance, huber_c, sid_alpha
+        self.dmd_normaliser = (objective == "sid") if dmd_normaliser is None else bool(dmd_normaliser)
         if objective == "sim":
             sim_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), distance, huber_c)  # validates
         self.optim = optim or OptimizerConfig(lr=1e-5, weight_decay=0.01, grad_clip=10.0)
@@ -184,9 +227,8 @@ class DistributionMatching(Method):
         self.cond = conditioning or Conditioning()
         self.teacher = teacher.eval().requires_grad_(False)
         # generator and fake score: the student's kind of network (with the guidance input when w-conditioned)
-        self.generator = (self.cond.student_network(teacher) if generator_init is None
-                          else copy.deepcopy(generator_init).train().requires_grad_(True))
-        self.fake = self.cond.student_network(teacher)
+        self.generator = self.cond.student_network(teacher if generator_init is None else generator_init)
+        self.fake = self.cond.student_network(teacher, fake=True)
         self.features = None
         if discriminator:
             block, self._disc_channels = _mid_block(self.teacher)
@@ -195,6 +237,7 @@ class DistributionMatching(Method):
         self.stats = RatioStats(max(ratio_bins, 1))
         self.grid = DiffusersSpacing("trailing").grid(schedule, 1, final="zero")
         self.n_train = int(getattr(schedule, "num_train_timesteps", 1000))
+        self._step_bins: tuple[Tensor, Tensor] | None = None  # this optimizer step's bin totals so far
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -208,20 +251,24 @@ class DistributionMatching(Method):
         return nets
 
     def recipe(self) -> dict:
-        keys = ("objective", "f", "prediction_type", "teacher_prediction_type", "update_ratio", "discriminator",
-                "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema", "min_t", "max_t",
-                "distance", "huber_c", "sid_alpha")
+        keys = ("objective", "f", "prediction_type", "teacher_prediction_type", "update_ratio", "reference",
+                "discriminator", "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema",
+                "min_t", "max_t", "distance", "huber_c", "sid_alpha", "dmd_normaliser")
         return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **self.cond.recipe()}
 
     def student_info(self) -> dict:
         """What the exported student's ``fewstep_student.json`` records about its training."""
         info = {"objective": self.objective, "update_ratio": self.update_ratio}
+        if self.objective in ("f_distill", "diff_instruct"):
+            info.update(reference=self.reference)
         if self.objective == "f_distill":
             info.update(f=self.f, gan_weight=self.gan_weight if self.discriminator else None)
         if self.objective == "sim":
             info.update(distance=self.distance, huber_c=self.huber_c)
         if self.objective == "sid":
             info.update(sid_alpha=self.sid_alpha)
+        if self.objective in ("sim", "sid"):
+            info.update(dmd_normaliser=self.dmd_normaliser)
         return info
 
     def final_student(self, state):
@@ -235,12 +282,18 @@ class DistributionMatching(Method):
         s = self.schedule.sigma(t.double()).to(like.device, like.dtype).reshape(shape)
         return a, s
 
-    def _times(self, ctx, rows: int, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-        """Integer timesteps uniform in ``[lo T, hi T]`` (clipped to the training range) and their position
-        in that range (``[0, 1]``, for the time bins)."""
-        first, last = int(lo * self.n_train), min(int(hi * self.n_train), self.n_train - 1)
-        t = first + ctx.randint(last - first + 1, rows)
-        return t.double(), (t - first).float() / max(last - first, 1)
+    def _range(self, lo: float, hi: float) -> tuple[int, int]:
+        """The first and last integer timestep of ``[lo T, hi T]``, clipped to the training range."""
+        return int(lo * self.n_train), min(int(hi * self.n_train), self.n_train - 1)
+
+    def _times(self, ctx, rows: int, lo: float, hi: float) -> Tensor:
+        """Integer timesteps uniform in ``[lo T, hi T]`` (clipped to the training range)."""
+        first, last = self._range(lo, hi)
+        return (first + ctx.randint(last - first + 1, rows)).double()
+
+    def _bin_range(self) -> tuple[int, int]:
+        """What the ratio's time bins cut: the sampled range (dmd2) or the whole one (FastGen)."""
+        return (0, self.n_train - 1) if self.reference == "fastgen" else self._range(self.min_t, self.max_t)
 
     def _generate(self, ctx, module: nn.Module, rows: int, like_shape, cond) -> Tensor:
         z = ctx.randn(rows, *like_shape)
@@ -275,15 +328,16 @@ class DistributionMatching(Method):
         rows = self._rows(ctx, data, cond)
         shape = tuple(data.shape[1:]) if data is not None else self._shape()
         cond = self.cond.draw(ctx, cond, rows)
-        losses = self._critic_step(ctx, data, cond, rows, shape)
-        if (ctx.step + 1) % self.update_ratio == 0:
+        critics, generator = updates_at(ctx.step, self.update_ratio, self.reference)
+        losses = self._critic_step(ctx, data, cond, rows, shape) if critics else {}
+        if generator:
             losses.update(self._generator_step(ctx, cond, rows, shape))
         return losses
 
     def _critic_step(self, ctx, batch, cond, rows, shape) -> dict[str, Tensor]:
         with torch.no_grad():
             x = self._generate(ctx, ctx.state.unwrapped("generator"), rows, shape, cond)
-        t, _ = self._times(ctx, rows, 0.0, 1.0)
+        t = self._times(ctx, rows, 0.0, 1.0)
         noise = ctx.randn(rows, *shape)
         a, s = self._coef(t, x)
         x_t = a * x + s * noise
@@ -300,8 +354,8 @@ class DistributionMatching(Method):
         return self.features.value
 
     def _disc_step(self, ctx, batch, cond, x, rows, shape) -> dict[str, Tensor]:
-        t_fake, _ = self._times(ctx, rows, self.min_t, self.max_t)
-        t_real, _ = self._times(ctx, rows, self.min_t, self.max_t)
+        t_fake = self._times(ctx, rows, self.min_t, self.max_t)
+        t_real = self._times(ctx, rows, self.min_t, self.max_t)
         a_f, s_f = self._coef(t_fake, x)
         a_r, s_r = self._coef(t_real, x)
         real_t = a_r * batch + s_r * ctx.randn(rows, *shape)
@@ -321,27 +375,33 @@ class DistributionMatching(Method):
         out["disc"] = ctx.update("disc", loss)
         return out
 
-    def _ratio_weight(self, ctx, logit: Tensor, t_frac: Tensor) -> Tensor:
+    def _ratio_weight(self, ctx, logit: Tensor, t: Tensor) -> Tensor:
         """``h(r)``: the ratio from the logit, clamped, normalised per time bin, then ``h`` by its global
-        batch mean (all-reduced over processes)."""
+        batch mean (all-reduced over processes). With gradient accumulation the bin statistics add up over
+        the optimizer step's micro-batches: micro-batch ``k`` normalises by those of ``0..k``, and the
+        stored EMA takes one update, from all of them."""
         r = density_ratio(logit, *self.ratio_clamp)
         if self.ratio_bins:
-            bins = bin_index(t_frac, self.ratio_bins)
+            bins = time_bins(t, *self._bin_range(), self.ratio_bins)
             sums, counts = bin_totals(r, bins, self.ratio_bins)
             sums, counts = self._all_sum(ctx, sums), self._all_sum(ctx, counts)
+            if ctx.micro > 0 and self._step_bins is not None:
+                sums, counts = sums + self._step_bins[0], counts + self._step_bins[1]
+            self._step_bins = (sums, counts)
             stats = ctx.state.unwrapped("ratio_stats")
-            r, means = normalise_by_bins(r, bins, sums, counts, stats.means if bool(stats.started) else None,
-                                         self.ratio_ema)
+            start = stats.means if bool(stats.started) or self.reference == "fastgen" else None  # FastGen: ones
+            r, means = normalise_by_bins(r, bins, sums, counts, start, self.ratio_ema)
             if ctx.micro == ctx.config.accumulation - 1:
                 stats.means.copy_(means)
                 stats.started.fill_(True)
+                self._step_bins = None
         h = f_weight(self.f, r)
         count = self._all_sum(ctx, torch.tensor(float(h.numel()), device=h.device))
         return normalise_weight(h, self._all_sum(ctx, h.sum()), count)
 
     def _generator_step(self, ctx, cond, rows, shape) -> dict[str, Tensor]:
         x = self._generate(ctx, ctx.net("generator"), rows, shape, cond)
-        t, t_frac = self._times(ctx, rows, self.min_t, self.max_t)
+        t = self._times(ctx, rows, self.min_t, self.max_t)
         a, s = self._coef(t, x)
         x_t = a * x + s * ctx.randn(rows, *shape)
         numel = x[0].numel()
@@ -353,11 +413,8 @@ class DistributionMatching(Method):
                 # through x_t everywhere: the teacher's and the fake network's inputs, not their weights
                 x_teacher = self._teacher(ctx, x_t, t, cond)
                 x_fake = self.cond.fake(fake, self.schedule, self.teacher_prediction_type, cond)(x_t, t).x0
-                if self.objective == "sim":
-                    per = sim_loss(x, x_teacher, x_fake, self.distance, self.huber_c)
-                else:
-                    per = sid_loss(x, x_teacher, x_fake, self.sid_alpha)
-                per = torch.nan_to_num(per.float()) * dmd_normaliser(x, x_teacher)
+                per = sim_generator_loss(x, x_teacher, x_fake, self.objective, self.distance, self.huber_c,
+                                         self.sid_alpha, normalise=self.dmd_normaliser)
                 loss = per.mean() / numel
             else:
                 logit = None
@@ -367,7 +424,7 @@ class DistributionMatching(Method):
                 with torch.no_grad():
                     x_teacher = self._teacher(ctx, x_t.detach(), t, cond)
                     x_fake = self.cond.fake(fake, self.schedule, self.teacher_prediction_type, cond)(x_t.detach(), t).x0
-                h = self._ratio_weight(ctx, logit, t_frac) if self.discriminator else 1.0
+                h = self._ratio_weight(ctx, logit, t) if self.discriminator else 1.0
                 weight = dmd_normaliser(x, x_teacher) if self.objective == "f_distill" else 1.0
                 loss = vsd_loss(x, matching_gradient(x_fake, x_teacher, h, weight)).mean() / numel
                 if self.gan_weight > 0:

@@ -148,9 +148,9 @@ def _to_teacher_space(family: Family, images: Tensor) -> Tensor:
     pixel, latent = tuple(family.image_shape()), tuple(family.sample_shape())
     shape = tuple(images.shape[1:])
     if shape != pixel:
-        fits = f"its {pixel} images" + (f" (encoded to its {latent} latents)" if family.latent else "")
-        raise TeacherError(f"data of shape {shape} does not fit the {family.name} teacher's {fits}; set "
-                           f"data.size / data.channels to match")
+        fits = f"{pixel} images" + (f" (encoded to {latent} latents)" if family.latent else "")
+        raise TeacherError(f"data of shape {shape} does not fit the {family.name} teacher at {family.path}, which "
+                           f"makes {fits}: set data.size={pixel[1]} data.channels={pixel[0]}")
     if not family.latent:
         return images
     return _batched(family.encode_images, images.to(family.pipe.device), desc="encoding latents")

@@ -5,6 +5,13 @@ The grids are nested: the teacher of a round runs DDIM over a ``Grid`` of ``2N``
 points, noise -> clean data), and the student's ``N``-step grid is every other point of it
 (``halve``). The student's step ``i`` goes from point ``2i`` to ``2i + 2`` of the teacher's grid, whose
 midpoint ``2i + 1`` is where the teacher's second call happens (research note distill.md 1.1).
+
+Parameterisations are the reference's ``mean_type`` (google-research ``diffusion_distillation/dpm.py``,
+``Model._run_model``): ``epsilon``, ``sample`` (x), ``v_prediction`` and ``both`` (two heads, ``x`` and
+``eps``, reconciled by the SNR weighting, ``both_x0``). In the reference one ``mean_type`` runs teacher
+and student and the student starts as a copy of the teacher, so round 0 starts with the student equal to
+its teacher; here that is ``prediction_type="teacher"``. Any other choice reads the teacher's weights in
+another parameterisation: the student starts as a different function and round 0 first learns the switch.
 """
 
 from __future__ import annotations
@@ -15,16 +22,74 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..samplers import Denoiser
+from ..samplers import Denoiser, ModelDenoiser
+from ..samplers.denoisers import Prediction, broadcast_like, canonical_prediction_type
 from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
 from .targets import ddim_transfer, progressive_target, snr_plus_one_weight, truncated_snr_weight
 
-__all__ = ["WEIGHTINGS", "halve", "progressive_loss", "round_steps", "check_student_steps", "ProgressiveDistillation"]
+__all__ = ["WEIGHTINGS", "PREDICTION_TYPES", "halve", "progressive_loss", "round_steps", "check_student_steps",
+           "both_x0", "BothDenoiser", "ProgressiveDistillation"]
 
-#: x-MSE weights by name (the reference code's ``mean_loss_weight_type``).
-WEIGHTINGS = {"truncated_snr": truncated_snr_weight, "snr_plus_one": snr_plus_one_weight}
+
+def constant_weight(alpha, sigma) -> Tensor:
+    """``1``: plain x-MSE (the reference's ``constant``)."""
+    return torch.ones_like(torch.as_tensor(alpha))
+
+
+def snr_weight(alpha, sigma) -> Tensor:
+    """``SNR``: x-MSE weighted to eps-MSE (the reference's ``snr``)."""
+    alpha, sigma = torch.as_tensor(alpha), torch.as_tensor(sigma)
+    return alpha**2 / sigma**2
+
+
+#: x-MSE weights by name; the reference code's ``mean_loss_weight_type`` in brackets: ``truncated_snr``
+#: (``snr_trunc``, its distillation configs), ``snr_plus_one`` (``v_mse``), ``snr`` (``snr``: eps-MSE),
+#: ``constant`` (``constant``: x-MSE).
+WEIGHTINGS = {"truncated_snr": truncated_snr_weight, "snr_plus_one": snr_plus_one_weight, "snr": snr_weight,
+              "constant": constant_weight}
+
+#: A student's (or teacher's) output: the diffusers names, ``both`` (the reference's two-headed output,
+#: not a diffusers parameterisation) and, for a student, ``teacher`` (whatever the teacher predicts).
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "both")
+
+
+def both_x0(x_out: Tensor, eps_out: Tensor, z: Tensor, alpha, sigma) -> Tensor:
+    """The reference's ``mean_type='both'`` (``dpm.py``, ``_run_model``): the network predicts ``x`` and
+    ``eps``; ``x0 = w x_out + (1 - w) (z - sigma eps_out) / alpha`` with ``w = sigmoid(-logSNR) =
+    sigma^2 / (alpha^2 + sigma^2)``, written as ``w x_out + alpha (z - sigma eps_out) / (alpha^2 + sigma^2)``
+    so that ``alpha = 0`` (pure noise, where only the ``x`` head counts) is finite."""
+    a, s = broadcast_like(alpha, z), broadcast_like(sigma, z)
+    norm = a * a + s * s
+    return (s * s / norm) * x_out + a * (z - s * eps_out) / norm
+
+
+class BothDenoiser(Denoiser):
+    """A network with ``2C`` output channels (``x`` first, then ``eps``, the reference's split order) as a
+    denoiser: ``x0 = both_x0(...)``, ``eps`` from ``x0`` (as the reference recomputes ``model_eps``).
+    diffusers' schedulers have no such parameterisation, so a ``both`` student is not exported."""
+
+    def __init__(self, model, schedule):
+        super().__init__()
+        self.net, self.schedule = ModelDenoiser(model, schedule, "eps"), schedule
+
+    def forward(self, x: Tensor, t, **cond) -> Prediction:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha, sigma = self.coefficients(t, x)
+        out = self.net.call_model(x, t, **cond)
+        if out.shape[1] != 2 * x.shape[1] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"a 'both' network returns x and eps ({2 * x.shape[1]} channels for an input of "
+                             f"{x.shape[1]}), got output {tuple(out.shape)}")
+        x_out, eps_out = out.chunk(2, dim=1)
+        a, s = broadcast_like(alpha, x), broadcast_like(sigma, x)
+        return Prediction(x0=both_x0(x_out, eps_out, x, a, s), x=x, alpha=a, sigma=s)
+
+
+def _check_prediction_type(prediction_type: str, what: str) -> None:
+    known = prediction_type == "both" or canonical_prediction_type(prediction_type) != "flow"  # raises if unknown
+    if not known:
+        raise ValueError(f"{what} {prediction_type!r} is not a PD parameterisation; expected one of {PREDICTION_TYPES}")
 
 
 def halve(grid: Grid) -> Grid:
@@ -50,10 +115,11 @@ def round_steps(start_steps: int, end_steps: int = 1) -> list[int]:
 
 def check_student_steps(prediction_type: str, n_steps: int) -> None:
     """An eps-predicting student cannot take one or two steps: its ``x0 = (z - sigma eps) / alpha``
-    divides by ``alpha ~ 0`` at the first step (the reason PD parameterises by x or v)."""
+    divides by ``alpha ~ 0`` at the first step (the reason PD parameterises by x, v or both)."""
     if prediction_type in ("eps", "epsilon") and n_steps <= 2:
-        raise ValueError(f"an eps-parameterised student cannot be distilled to {n_steps} step(s); "
-                         "use prediction_type 'v_prediction' or 'sample'")
+        raise ValueError(f"an eps-parameterised student cannot be distilled to {n_steps} step(s) (x0 = (z - sigma "
+                         "eps) / alpha divides by alpha ~ 0); use prediction_type 'v_prediction' or 'sample', or "
+                         "end_steps >= 4")
 
 
 def progressive_loss(student: Denoiser, teacher: Denoiser, x: Tensor, grid: Grid, index: Tensor, noise: Tensor,
@@ -92,9 +158,19 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, x: Tensor, grid: Grid
 
 class ProgressiveDistillation(Method):
     """PD on the training core: rounds ``start -> start/2 -> ... -> end`` student steps over nested
-    trailing grids of a discrete teacher; each round the student (initialised from the teacher's weights,
-    parameterised by ``prediction_type``) learns one DDIM step per two of its teacher's, then becomes the
-    teacher (``begin_round``), with a fresh optimizer and a learning rate annealed linearly to 0.
+    trailing grids of a discrete teacher; each round the student learns one DDIM step per two of its
+    teacher's, then becomes the teacher (``begin_round``), with a fresh optimizer and a learning rate
+    annealed linearly to 0.
+
+    ``prediction_type``: the student's parameterisation (``PREDICTION_TYPES``), or ``"teacher"``: the
+    teacher's own, the reference's semantics, where round 0's student starts equal to its teacher. The
+    student starts from the teacher's weights (or ``student``); read in another parameterisation than the
+    teacher's they are another function (``starts_as_teacher`` is False; so too under guidance, where the
+    teacher is the guided combination of the network the student copies). A ``both`` student needs a
+    ``student`` network with twice the teacher's output channels (``x`` then ``eps``).
+
+    With an EMA of the student (``optim.ema_decay``), a round begins as in the reference: teacher <- the
+    EMA of the previous student, student <- the same weights, EMA restarted from them.
 
     ``on_student(steps, module, grid, state)`` is called with each finished student (to export it).
     ``teacher`` may be any network ``model(x, t)`` of ``teacher_prediction_type`` or a ``Denoiser`` (the
@@ -109,9 +185,16 @@ class ProgressiveDistillation(Method):
                  optim: OptimizerConfig | None = None, on_student=None, student: nn.Module | None = None,
                  timesteps: Timesteps | None = None, conditioning: Conditioning | None = None):
         self.students_steps = round_steps(start_steps, end_steps)
+        _check_prediction_type(teacher_prediction_type, "teacher_prediction_type")
+        if prediction_type == "teacher":
+            prediction_type = teacher_prediction_type
+        _check_prediction_type(prediction_type, "prediction_type")
         check_student_steps(prediction_type, min(self.students_steps))
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {sorted(WEIGHTINGS)}")
+        if prediction_type == "both" and student is None and teacher_prediction_type != "both":
+            raise ValueError("a 'both' student predicts x and eps (twice the teacher's output channels): give a "
+                             "`student` network with two heads, or use prediction_type 'teacher'")
         self.schedule, self.weighting = schedule, weighting
         self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
         self.start_steps, self.end_steps = start_steps, end_steps
@@ -121,8 +204,11 @@ class ProgressiveDistillation(Method):
         self.teacher = teacher.eval().requires_grad_(False)
         # The student starts as the teacher (or as the network given); from round 1 on, the teacher is the
         # previous round's student, a frozen copy of its architecture.
-        self.student = (self.cond.student_network(teacher) if student is None
-                        else copy.deepcopy(student).train().requires_grad_(True))
+        self.student = self.cond.student_network(teacher if student is None else student)
+        # Whether round 0's student is the function its teacher is (not so for weights read in another
+        # parameterisation, nor under guidance, where the teacher is the guided combination).
+        self.starts_as_teacher = (student is None and _same_type(prediction_type, teacher_prediction_type)
+                                  and not self.cond.guidance.active)
         self.previous = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.optim = optim or OptimizerConfig(lr=5e-5, anneal="linear")
         self.on_student = on_student
@@ -151,27 +237,70 @@ class ProgressiveDistillation(Method):
             self.on_student(self.students_steps[round_index - 1], finished, halve(self.teacher_grid(round_index - 1)),
                             state)
         state.load_weights("previous", finished)  # teacher <- student
+        if "student" in state.emas:  # the reference: the new student is its teacher; the EMA restarts there
+            state.load_weights("student", finished)
+
+    def _denoiser(self, net, prediction_type: str) -> Denoiser | nn.Module:
+        """``net`` as ``Conditioning`` takes it: a ``both`` network wrapped here (diffusers has no such type)."""
+        if prediction_type != "both" or isinstance(net, Denoiser):
+            return net
+        return BothDenoiser(self.cond.family.call(net) if self.cond.family is not None else net, self.schedule)
+
+    def loss(self, x: Tensor, index: Tensor, noise: Tensor, round_index: int = 0, cond: dict | None = None,
+             student: nn.Module | None = None, teacher: nn.Module | None = None) -> Tensor:
+        """Per-example loss of round ``round_index`` (student steps ``index [B]`` in ``[0, N)``): the
+        networks given, or this method's own (round 0: the teacher; later: the previous student)."""
+        cond = cond or {}
+        if round_index == 0:  # the teacher, guided as configured; later rounds: the previous student
+            teacher = self.teacher if teacher is None else teacher
+            teacher = self.cond.teacher(self._denoiser(teacher, self.teacher_prediction_type), self.schedule,
+                                        _diffusers_type(self.teacher_prediction_type), cond)
+        else:
+            teacher = self.previous if teacher is None else teacher
+            teacher = self.cond.student(self._denoiser(teacher, self.prediction_type), self.schedule,
+                                        _diffusers_type(self.prediction_type), cond)
+        student = self.student if student is None else student
+        student = self.cond.student(self._denoiser(student, self.prediction_type), self.schedule,
+                                    _diffusers_type(self.prediction_type), cond)
+        return progressive_loss(student, teacher, x, self.teacher_grid(round_index), index, noise, self.weighting)
 
     def train_step(self, ctx, batch):
         x, cond = split_batch(batch)
-        grid = self.teacher_grid(ctx.round)
-        n = grid.n_steps // 2
+        n = self.teacher_grid(ctx.round).n_steps // 2
         index = ctx.randint(n, x.shape[0])
         noise = ctx.randn(*x.shape)
         cond = self.cond.draw(ctx, cond, x.shape[0])
-        if ctx.round == 0:  # the teacher, guided as configured; later rounds: the previous student
-            teacher = self.cond.teacher(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)
-        else:
-            teacher = self.cond.student(ctx.net("previous"), self.schedule, self.prediction_type, cond)
-        student = self.cond.student(ctx.net("student"), self.schedule, self.prediction_type, cond)
-        loss = progressive_loss(student, teacher, x, grid, index, noise, self.weighting).mean()
+        teacher = ctx.net("teacher") if ctx.round == 0 else ctx.net("previous")
+        loss = self.loss(x, index, noise, ctx.round, cond, student=ctx.net("student"), teacher=teacher).mean()
         return {"loss": ctx.update("student", loss)}
 
     def final_student(self, state):
         """``(steps, module, grid)`` of the last round's student."""
-        return self.students_steps[-1], state.ema("student"), halve(self.teacher_grid(len(self.students_steps) - 1)), state
+        return self.students_steps[-1], state.ema("student"), self.final_grid(), state
+
+    def final_grid(self) -> Grid:
+        """The last round's student grid (what its export must be able to run)."""
+        return halve(self.teacher_grid(len(self.students_steps) - 1))
+
+    def _round_start(self) -> str:
+        return "teacher_and_student_from_ema" if self.optim.ema_decay is not None else "teacher_from_student"
 
     def recipe(self) -> dict:
         return {"start_steps": self.start_steps, "end_steps": self.end_steps, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "weighting": self.weighting,
+                "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start(),
                 "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **self.cond.recipe()}
+
+    def student_info(self) -> dict:
+        """What an exported student's ``fewstep_student.json`` records about its training."""
+        return {"weighting": self.weighting, "teacher_prediction_type": self.teacher_prediction_type,
+                "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start()}
+
+
+def _diffusers_type(prediction_type: str) -> str:
+    """What ``Conditioning`` passes to ``ModelDenoiser`` (unused for a ``both`` network, wrapped already)."""
+    return "epsilon" if prediction_type == "both" else prediction_type
+
+
+def _same_type(a: str, b: str) -> bool:
+    return a == b or ("both" not in (a, b) and canonical_prediction_type(a) == canonical_prediction_type(b))

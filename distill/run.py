@@ -14,6 +14,7 @@ from its last checkpoint with the same command; ``train.output_dir`` also gets `
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .conditioning import Conditioning, Guidance
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit, from_train_config
 from .families import Family, TeacherError, load_teacher
+from .lora import resolve as resolve_lora
 from .matching import DistributionMatching
 from .prepare import prepare_data
 from .progressive import ProgressiveDistillation
@@ -66,7 +68,10 @@ def _conditioning(config: DistillConfig, family: Family) -> Conditioning:
             raise TeacherError(f"guidance.negative_prompt is for text teachers; the {family.name} takes "
                                f"{family.condition_kind or 'no'} conditions")
         null = {k: v[:1] for k, v in family.encode([g.negative_prompt]).items()}
-    return Conditioning(family, guidance, null)
+    section = getattr(config, config.method, None)
+    init = getattr(section, "student_init", None) or getattr(section, "generator_init", None)
+    lora = resolve_lora(config.lora, family, config.method, init, g.mode)
+    return Conditioning(family, guidance, null, lora=lora)
 
 
 def _method(config: DistillConfig, family: Family, cond: Conditioning, optim: OptimizerConfig, on_student):
@@ -109,11 +114,13 @@ def _matching(config: DistillConfig, family: Family, cond: Conditioning, optim: 
                                     discriminator=section.discriminator, real_data=section.discriminator,
                                     gan_weight=section.gan_weight, r1_weight=section.r1_weight,
                                     ratio_clamp=(section.ratio_lower, section.ratio_upper),
-                                    ratio_bins=section.ratio_bins, ratio_ema=section.ratio_ema, **common)
+                                    ratio_bins=section.ratio_bins, ratio_ema=section.ratio_ema,
+                                    reference=section.reference, **common)
     if section.variant not in ("sim", "sid"):
         raise ValueError(f"sim.variant must be 'sim' or 'sid', got {section.variant!r}")
     return DistributionMatching(unet, prediction_type, schedule, objective=section.variant, distance=section.distance,
-                                huber_c=section.huber_c, sid_alpha=section.sid_alpha, **common)
+                                huber_c=section.huber_c, sid_alpha=section.sid_alpha,
+                                dmd_normaliser=section.dmd_normaliser, **common)
 
 
 def _student_init(path: str, prediction_type: str, key: str, family: Family, guidance):
@@ -134,7 +141,14 @@ def _student_init(path: str, prediction_type: str, key: str, family: Family, gui
     mode = record.get("guidance", {}).get("mode", "none")
     if mode != guidance.mode:
         raise TeacherError(f"{key} {path} was trained with guidance.mode {mode}, this run has {guidance.mode}")
+    if record.get("lora", {}).get("export") == "lora":  # the teacher's network with the student's LoRA merged
+        from .students import lora_student_network
+
+        return lora_student_network(path, family)
     net_class = type(family.denoiser_network)
+    if not (Path(path) / family.network / "config.json").is_file():  # else diffusers asks for the internet
+        raise TeacherError(f"{key} {path} has no {family.network}/ folder with its {net_class.__name__} (config.json "
+                           f"and weights): point {key} at a complete exported student folder, or set {key} null")
     try:
         return net_class.from_pretrained(Path(path) / family.network)
     except (OSError, ValueError, TypeError) as err:
@@ -155,7 +169,8 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
     section = getattr(config, config.method)
 
     def on_student(steps: int, module, grid, state) -> None:
-        prediction_type = section.prediction_type
+        prediction_type = method.prediction_type  # resolved ("teacher": the teacher's own)
+        _check_finite(module, steps, state.step)
         if not diffusers_reproducible(family.scheduler_config, grid, prediction_type):
             print(f"not exporting the {steps}-step student: diffusers' DDIM cannot visit its grid "
                   f"({family.scheduler_config.get('num_train_timesteps', 1000)}"
@@ -168,13 +183,15 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
                 info[key] = getattr(section, key)
         exported.append(export_student(module, family.scheduler_config, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info, family=family,
-                                       guidance=config.guidance))
+                                       guidance=config.guidance, lora=cond.lora))
 
     torch.manual_seed(core.seed)
     method = _method(config, family, cond, optim, on_student)
+    _check_exportable(method, family, method.prediction_type)
     cache = Path(config.cache) if config.cache else Path(core.output_dir) / "prepared_data.pt"
     # fit loads the data only once the output folder is known to be writable and free
-    result = fit(method, core, lambda: prepare_data(family, config, method.needs_data, cache), max_steps=max_steps)
+    result = fit(method, core, lambda: prepare_data(family, config, method.needs_data, cache), max_steps=max_steps,
+                 settings=resume_settings(config))
     out = Path(core.output_dir)
     atomic_write_bytes(out / "history.json", json.dumps(result.history, indent=1).encode())
     if result.history:
@@ -182,6 +199,48 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
     if result.state.step == core.steps:
         on_student(*method.final_student(result.state))
     return exported
+
+
+class NonFiniteStudent(FloatingPointError):
+    """A finished student whose weights are NaN or infinite (its last update diverged): never exported."""
+
+    exit_code = 2
+
+
+def _check_finite(module: torch.nn.Module, steps: int, step: int) -> None:
+    bad = [name for name, t in [*module.named_parameters(), *module.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteStudent(f"the {steps}-step student has non-finite weights after optimizer step {step} "
+                               f"({bad[0]}{' and more' if len(bad) > 1 else ''}); not exported. The run diverged: "
+                               "lower train.lr or train.grad_clip, and restart in a new "
+                               "output_dir or from a checkpoint before the divergence")
+
+
+def _check_exportable(method, family: Family, prediction_type: str) -> None:
+    """Refuse, before any training, a run whose last student diffusers could not run (its grid is not one
+    diffusers' DDIM visits), instead of training to the end and then exporting nothing."""
+    final_grid = getattr(method, "final_grid", None)
+    if final_grid is None:
+        return
+    grid = final_grid()
+    if not diffusers_reproducible(family.scheduler_config, grid, prediction_type):
+        n_train = family.scheduler_config.get("num_train_timesteps", 1000)
+        raise ValueError(f"the {grid.n_steps}-step student could not be exported: diffusers' DDIM cannot visit "
+                         f"its grid ({n_train} training steps / {grid.n_steps} is not an integer); choose a "
+                         f"step count that divides {n_train}")
+
+
+def resume_settings(config: DistillConfig) -> dict:
+    """What a resumed run must share with its checkpoint beyond the core's own recipe: the method's section
+    (where each network starts, its options), guidance and the prompt template. Not the teacher's path (its
+    identity is in the recipe: a moved teacher resumes) nor where students or caches go. LoRA settings when a
+    LoRA is on (so a run of full students from before ``lora:`` existed still resumes)."""
+    out = {config.method: dataclasses.asdict(getattr(config, config.method)),
+           "guidance": dataclasses.asdict(config.guidance), "prompt_template": config.prompt_template}
+    if config.lora.rank:
+        out["lora"] = dataclasses.asdict(config.lora)
+    return out
 
 
 def _cost(state) -> dict:
@@ -213,8 +272,10 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()  # written whole or not at all (a full disk is one line, not a torn PNG)
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -5,6 +5,9 @@ A student folder is its teacher's own pipeline class (``StableDiffusionPipeline`
 trailing timesteps are the student's grid, no clipping), so ``<Pipeline>.from_pretrained(path)`` loads it
 offline and ``pipe(..., num_inference_steps=steps)`` reproduces its sampling, plus ``fewstep_student.json``
 (method, steps, grid, prediction type, training cost, the teacher's identity, the guidance it learned).
+A LoRA student (``fewstep.distill.lora``) is exported merged (``fused``: as above) or as the LoRA alone
+(``lora``): diffusers' LoRA file and the student's ``scheduler/`` beside the record, which names the teacher's
+folder, for ``<Pipeline>.from_pretrained(teacher).load_lora_weights(student)``.
 ``load_student(path)`` returns it as a ``Sampler`` with NFE = its steps that takes the teacher's conditions
 (``prompt``, ``class_labels``, ``guidance_scale``), so the FID harness and sweeps treat it like any sampler.
 """
@@ -25,7 +28,7 @@ from ..samplers.timesteps import ExplicitTimesteps, Grid
 from .conditioning import Bound
 
 __all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "read_student_record",
-           "StudentSampler", "student_denoiser", "student_sampler"]
+           "StudentSampler", "student_denoiser", "student_sampler", "lora_student_network"]
 
 STUDENT_FILE = "fewstep_student.json"
 
@@ -87,12 +90,15 @@ def read_student_record(path: str | os.PathLike, what: str = "student") -> dict:
 
 
 def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid, prediction_type: str,
-                   path: str | os.PathLike, info: dict | None = None, family=None, guidance=None) -> Path:
+                   path: str | os.PathLike, info: dict | None = None, family=None, guidance=None, lora=None) -> Path:
     """Save a student as its teacher's pipeline class (``family``; a ``DDPMPipeline`` without one) with a
     ``DDIMScheduler`` that runs its grid, plus ``fewstep_student.json`` (steps, grid, prediction type, the
     teacher's identity, the guidance it learned), atomically (``atomic_dir``: a killed export never leaves a
-    half-written student)."""
+    half-written student). A LoRA student (``lora``: its ``LoRA``) is merged first (``lora.export`` fused) or
+    written as the LoRA alone for the teacher's pipeline (``lora``: ``Family.export_lora``)."""
     from diffusers import DDIMScheduler, DDPMPipeline
+
+    from .lora import has_lora, lora_parameters, lora_state_dict, merged, peft_config
 
     path = Path(path)
     times = [float(t) for t in grid.t[:-1].tolist()]
@@ -101,10 +107,22 @@ def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid,
         raise ValueError(f"diffusers' DDIM cannot visit the student grid {times} (its stride is "
                          f"T // {len(times)}); export only students whose steps divide the training timesteps")
     record = {"steps": len(times), "timesteps": times, "prediction_type": prediction_type, **(info or {})}
+    lora_file = None
+    if lora is not None and has_lora(model):
+        record["lora"] = {"rank": lora.rank, "alpha": lora.scale_alpha, "target_modules": list(lora.targets),
+                          "dropout": lora.dropout, "export": lora.export, "parameters": lora_parameters(model)}
+        if lora.export == "lora":
+            if family is None or not family.lora_loadable:
+                raise ValueError("lora.export=lora needs a pipeline with diffusers' LoRA loader: use lora.export=fused")
+            lora_file = (lora_state_dict(model), peft_config(lora).to_dict())
+        else:
+            model = merged(model)
     if family is not None:
         record["teacher"] = family.describe()
         record["guidance"] = _guidance_record(guidance)
-        if record["guidance"]["mode"] == "baked" and family.accepts_guidance_input:
+        if lora_file is not None:  # the teacher's folder is part of this student: where to find it
+            record["teacher"]["path"] = str(Path(family.path).resolve())
+        elif record["guidance"]["mode"] == "baked" and family.accepts_guidance_input:
             # A guidance embedding with zero weights: the student is unchanged, and its pipeline (which skips
             # classifier-free guidance for a UNet with time_cond_proj_dim) ignores guidance_scale instead of
             # guiding a student whose guidance is already in its weights.
@@ -113,6 +131,8 @@ def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid,
     with atomic_dir(path) as tmp:
         if family is None:
             DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
+        elif lora_file is not None:
+            family.export_lora(*lora_file, scheduler, tmp)
         else:
             family.export(model, scheduler, tmp)
         (tmp / STUDENT_FILE).write_text(json.dumps(record, indent=1))
@@ -203,14 +223,19 @@ class StudentSampler(Sampler):
         return self.family.decode_latents(x) if self.family.latent else x
 
 
-def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> StudentSampler:
+def load_student(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 teacher: str | os.PathLike | None = None) -> StudentSampler:
     """A committed or exported student as a ``StudentSampler`` (NFE = its steps), loaded through its
-    pipeline family (the teacher's pipeline class)."""
+    pipeline family (the teacher's pipeline class). A LoRA-only student is its teacher's pipeline (from the
+    folder its record names, or ``teacher``) with the LoRA loaded as a user would (``load_lora_weights``)."""
     from .families import family_of
 
     path = Path(path)
     record = read_student_record(path)
-    family = family_of(path).load(path)
+    if record.get("lora", {}).get("export") == "lora":
+        family = _lora_student_family(path, record, teacher)
+    else:
+        family = family_of(path).load(path)
     family.pipe.to(device)
     net = family.denoiser_network.eval().requires_grad_(False)
     for module in family.pipe.components.values():
@@ -219,3 +244,44 @@ def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     schedule = DiscreteVPSchedule.from_diffusers_config(family.scheduler_config)
     denoiser = ModelDenoiser(family.call(net), schedule, prediction_type=record["prediction_type"])
     return StudentSampler(family, record, denoiser)
+
+
+def _lora_student_family(path: Path, record: dict, teacher=None):
+    """The teacher's pipeline (checked to be the one the LoRA was trained on) with the student's LoRA loaded
+    by diffusers' ``load_lora_weights`` and the student's scheduler, as the README tells a user to do."""
+    from diffusers import DDIMScheduler
+
+    from .families import TeacherError, family_of, quiet_diffusers, teacher_identity
+
+    recorded = record.get("teacher") or {}
+    where = Path(teacher if teacher is not None else recorded.get("path", ""))
+    if not (where / "model_index.json").is_file():
+        raise TeacherError(f"LoRA student {path} needs its teacher pipeline, recorded at {where}, which is not a "
+                           "pipeline folder; load it with load_student(path, teacher=FOLDER)")
+    if teacher_identity(where) != recorded.get("id"):
+        raise TeacherError(f"{where} is not the teacher LoRA student {path} was trained on (teacher id "
+                           f"{recorded.get('id')}); give load_student(path, teacher=FOLDER) that teacher")
+    family = family_of(where).load(where)
+    with quiet_diffusers():
+        family.pipe.load_lora_weights(path)
+    family.pipe.scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    family.scheduler_config = dict(family.pipe.scheduler.config)
+    return family
+
+
+def lora_student_network(path: str | os.PathLike, family) -> nn.Module:
+    """The network of a LoRA-only student at ``path`` of ``family``'s teacher: the teacher's network with the
+    LoRA merged in (to start another student from it)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from .lora import LoRA, inject, load_lora_state, merged
+
+    record = read_student_record(path)["lora"]
+    lora = LoRA(rank=record["rank"], targets=tuple(record["target_modules"]), alpha=record["alpha"])
+    net = inject(copy.deepcopy(family.denoiser_network), lora)
+    prefix = f"{family.network}."
+    state = load_file(Path(path) / "pytorch_lora_weights.safetensors")
+    load_lora_state(net, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return merged(net)

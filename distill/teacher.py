@@ -121,13 +121,22 @@ def build_teacher(config: TeacherConfig | dict):
     from diffusers import DDPMScheduler, UNet2DModel
 
     config = _typed(config)
-    return UNet2DModel(**given(config.model)), DDPMScheduler(**given(config.scheduler))
+    try:
+        unet = UNet2DModel(**given(config.model))
+    except ValueError as err:  # diffusers' checks, and torch's GroupNorm "num_channels ... divisible by num_groups"
+        fix = ("set model.norm_num_groups to a divisor of every model.block_out_channels entry (diffusers' "
+               "defaults: 32 groups, channels 224 448 672 896)" if "num_groups" in str(err) else
+               "fix the model section (`fewstep train-teacher --help` lists its keys)")
+        raise ValueError(f"model: {' '.join(str(err).split()).rstrip('.')}; {fix}") from err
+    return unet, DDPMScheduler(**given(config.scheduler))
 
 
 def _check_fits(images: Tensor, unet) -> None:
     if images.shape[1:] != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
         raise ValueError(f"data of shape {tuple(images.shape[1:])} does not fit the model's "
-                         f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input")
+                         f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} input: set "
+                         f"data.size={unet.config.sample_size} data.channels={unet.config.in_channels}, or "
+                         "model.sample_size / model.in_channels / model.out_channels to the data's")
 
 
 def _images(config, unet) -> TensorDataset:

@@ -15,7 +15,9 @@ sums as EDM2):
 - ``harness``: image sources (``SamplerSource``: one ``x_T`` per seed; tensors, data sets, folders),
   ``compute_stats``, ``score`` and ``reference_stats`` (cached by content).
 - ``sweep``: samplers x NFE x seed ranges from ``configs/sweep_*.yaml`` or ``fewstep sweep`` / ``fewstep
-  fid``, written as CSV / JSON / Markdown tables and an FD-vs-NFE plot.
+  fid``, written as CSV / JSON / Markdown tables and an FD-vs-NFE plot. A config's ``model: {kind: factory,
+  target: "module:function"}`` imports and calls that function (it runs code): ``fewstep.*`` targets only,
+  unless ``--allow-code`` / ``allow_code=True``.
 
     from fewstep.eval import FeatureExtractor, SamplerSource, compute_stats, reference_stats, score
     fx = FeatureExtractor()                                   # TF-Inception pool3, EDM's protocol

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ClassifierConfig
+from ..io import atomic_save
 from ..teachers import FMNIST_CLASSIFIER
 from .features import ExtractorBase, register_extractor
 
@@ -110,7 +111,6 @@ def cli(config: ClassifierConfig) -> int:
     out = Path(config.out or DEFAULT_WEIGHTS)
     start = time.perf_counter()
     net, acc = train_classifier(config.steps, config.batch_size, config.lr, config.seed, config.root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out)
+    atomic_save(net.state_dict(), out)  # its folder made; a full disk: one line, no torn weights
     print(f"test accuracy {acc:.4f} after {config.steps} steps ({time.perf_counter() - start:.0f} s); saved {out}")
     return 0

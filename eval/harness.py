@@ -89,6 +89,10 @@ class TensorSource(ImageSource):
                  value_range: tuple[float, float] | None = None):
         if not torch.is_tensor(images):
             raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"images in {name} must be a tensor [N, C, H, W], got shape {tuple(images.shape)}")
+        if images.shape[0] == 0 or images[0].numel() == 0:
+            raise ValueError(f"{name} holds no images (shape {tuple(images.shape)})")
         images = images_to_uint8(images, value_range, f"images in {name}")
         self.images, self.batch_size, self.name = images, int(batch_size), name
         self._identity: str | None = None
@@ -109,7 +113,8 @@ class TensorSource(ImageSource):
         return self._identity
 
     def shard(self, rank: int, world: int) -> "TensorSource":
-        out = TensorSource(self.images[rank::world], self.batch_size, self.name)  # uint8 already
+        out = object.__new__(TensorSource)  # uint8 already; a shard may be empty (N < world)
+        out.images, out.batch_size, out.name = self.images[rank::world], self.batch_size, self.name
         out._identity = self._identity
         return out
 

@@ -11,8 +11,10 @@ run), ``results.md`` (FD per sampler x NFE, min / mean +- std over repeats), ``f
 ``samples.png`` (the first images of each cell).
 
 Models (``model``): ``"testbed"`` / ``{kind: testbed, ...}`` is a Gaussian mixture over images with its
-exact denoiser (no network); ``{kind: factory, target: "module:function", kwargs: {...}}`` calls a
-function returning ``(denoiser, shape)`` -- a teacher, or a student exposed as a denoiser. References
+exact denoiser (no network); ``{kind: factory, target: "module:function", kwargs: {...}}`` imports that
+module and calls the function, which returns ``(denoiser, shape)`` -- a teacher, or a student exposed as a
+denoiser. That runs code named by the config: targets in fewstep's own modules (``fewstep.*``, e.g.
+``fewstep.demo:teacher_model``) are allowed, any other only with ``allow_code`` (``--allow-code``). References
 (``reference``): ``"model"`` (data drawn from the testbed), an image folder (8- or 16-bit files), a ``.pt``
 tensor ``[N, C, H, W]`` (uint8, or float with ``value_range`` ``"-1,1"`` / ``"0,1"`` declared), or a ``.npz``
 of ``mu`` / ``sigma`` (EDM's, or ours with a stored protocol).
@@ -45,7 +47,8 @@ from .harness import (FeatureStats, FolderSource, SamplerSource, Score, TensorSo
 from .protocol import Protocol
 from .stats import format_fd
 
-__all__ = ["SweepConfig", "SweepRun", "run_sweep", "write_outputs", "load_model", "sweep_main", "fid_main"]
+__all__ = ["SweepConfig", "SweepRun", "run_sweep", "write_outputs", "load_model", "factory_function", "FACTORY_MODULES",
+           "SweepInputError", "sweep_main", "fid_main"]
 
 
 @dataclass
@@ -117,19 +120,68 @@ def _testbed(image_size: int = 8, channels: int = 3, components: int = 4, seed: 
     return denoiser, shape, mixture
 
 
-def load_model(spec) -> tuple[Any, tuple[int, ...], Any]:
-    """``(denoiser, image shape, testbed mixture or None)`` from a config's ``model`` entry."""
+#: Modules a ``{kind: factory}`` model may name without ``allow_code`` (``--allow-code``): fewstep's own.
+FACTORY_MODULES = ("fewstep",)
+
+
+class SweepInputError(ValueError):
+    """Bad input to ``fewstep sweep`` / ``fewstep fid``: one line on stderr and exit status 2 (``--debug``
+    shows the error it came from)."""
+
+    exit_code = 2
+
+
+def factory_function(target: Any, allow_code: bool = False):
+    """The function a ``{kind: factory, target: "module:function"}`` model names, imported. Importing and
+    calling it runs code, so a module outside ``FACTORY_MODULES`` is refused unless ``allow_code``."""
+    if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+        raise ValueError(f"model kind 'factory' needs target: 'module:function', got {target!r}")
+    module, name = target.split(":")
+    if not allow_code and not any(module == m or module.startswith(m + ".") for m in FACTORY_MODULES):
+        raise ValueError(f"model factory {target} is outside fewstep's own modules ({', '.join(FACTORY_MODULES)}.*)"
+                         " and would run its code: pass --allow-code (allow_code=True) if you trust it")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise ValueError(f"cannot import the model factory's module {module!r} ({err}); check target "
+                         f"{target!r} and that the module is on the Python path") from err
+    except AttributeError:
+        raise ValueError(f"module {module!r} has no model factory {name!r}; check target {target!r}") from None
+    if not callable(function):
+        raise ValueError(f"model factory {target} is not a function")
+    return function
+
+
+def load_model(spec, allow_code: bool = False) -> tuple[Any, tuple[int, ...], Any]:
+    """``(denoiser, image shape, testbed mixture or None)`` from a config's ``model`` entry. A factory
+    (``factory_function``) is called with ``kwargs`` and must return ``(denoiser, shape)``; whatever it
+    raises is reported as a ``ValueError`` naming it (the original is its cause)."""
+    if not isinstance(spec, (str, dict)):
+        raise ValueError(f"model must be 'testbed' or a mapping with kind: testbed | factory, got {spec!r}")
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = spec.pop("kind", "testbed")
     if kind == "testbed":
-        return _testbed(**spec)
+        try:
+            return _testbed(**spec)
+        except TypeError as err:
+            raise ValueError(f"model kind 'testbed': {err}; its keys are image_size, channels, components, seed, "
+                             "spread, std") from None
     if kind == "factory":
-        target = spec.pop("target", None)
-        if not target or ":" not in target:
-            raise ValueError("model kind 'factory' needs target: 'module:function'")
-        module, name = target.split(":", 1)
-        denoiser, shape = getattr(importlib.import_module(module), name)(**spec.pop("kwargs", {}))
-        return denoiser, tuple(shape), None
+        target, kwargs = spec.pop("target", None), spec.pop("kwargs", None) or {}
+        if spec:
+            raise ValueError(f"model kind 'factory' takes target and kwargs, not {sorted(spec)}")
+        function = factory_function(target, allow_code)
+        try:
+            made = function(**kwargs)
+        except Exception as err:
+            raise ValueError(f"model factory {target} failed: {type(err).__name__}: {err}") from err
+        try:
+            denoiser, shape = made
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"model factory {target} must return (denoiser, shape), got "
+                             f"{type(made).__name__}") from None
+        return denoiser, shape, None
     raise ValueError(f"unknown model kind {kind!r}; expected 'testbed' or 'factory'")
 
 
@@ -232,20 +284,20 @@ def previous_runs(out: Path, cfg: SweepConfig, protocol: Protocol) -> list[Sweep
 
 
 def run_sweep(cfg: SweepConfig, fx: FeatureExtractor | None = None, log=print,
-              out: str | Path | None = None) -> tuple[list[SweepRun], dict]:
+              out: str | Path | None = None, allow_code: bool = False) -> tuple[list[SweepRun], dict]:
     """Run every (repeat, sampler, NFE) cell; returns the runs and ``{(sampler, nfe): first images}``.
 
     With ``out``: the folder is checked writable before anything is computed, cells already in it (same
     settings and protocol, ``previous_runs``) are kept and not recomputed, and the outputs are rewritten
     (atomically) after every cell, so an interrupted sweep loses at most the cell it was in. A sweep in
-    which no cell could be computed raises ``ValueError`` (and writes nothing)."""
+    which no cell could be computed raises ``ValueError`` (and writes nothing). ``allow_code``: see ``load_model``."""
     from fewstep.samplers.registry import resolve_name
     from fewstep.samplers.sampler import NFEUnreachable, Sampler
 
     out = check_out(out) if out is not None else None
     names = [resolve_name(n) for n in cfg.samplers]  # aliases name the same cell
+    denoiser, shape, mixture = load_model(cfg.model, allow_code)  # first: a refused factory runs nothing else
     fx = fx or FeatureExtractor(cfg.extractor, cfg.layer, cfg.weights, cfg.device)
-    denoiser, shape, mixture = load_model(cfg.model)
     need_features = cfg.kid_subset_size is not None or cfg.prc_k is not None
     ref = load_stats(cfg.reference, fx, cfg, mixture, shape, keep_features=need_features)
     log(f"reference: {ref.source}, N={ref.n or 'unknown'}; features: {fx.protocol.describe()}")
@@ -456,10 +508,6 @@ def plot_samples(grids: dict, path: Path) -> None:
 # CLI entry points (fewstep.cli.COMMANDS)
 
 
-def _fail(command: str, err: Exception) -> int:
-    """One line on stderr, exit status 2 (bad input: the user's to fix, not a crash)."""
-    print(f"fewstep {command}: error: {err}", file=sys.stderr)
-    return 2
 
 
 def _input_errors() -> tuple[type, ...]:
@@ -474,18 +522,23 @@ def _print_notes(caught) -> None:
         print(f"note: {w.message}", file=sys.stderr)
 
 
-def sweep_main(**opts) -> int:
-    """``fewstep sweep``: run a sweep, writing its outputs as every cell finishes (and resuming from them)."""
+def sweep_main(allow_code: bool = False, **opts) -> int:
+    """``fewstep sweep``: run a sweep, writing its outputs as every cell finishes (and resuming from them).
+    A ``{kind: factory}`` model outside fewstep's modules runs only with ``allow_code`` (``--allow-code``).
+    Bad input raises ``SweepInputError`` (one line and exit status 2 from ``fewstep``)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             cfg = SweepConfig.from_options(**opts)
-            runs, grids = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr), out=cfg.out)
+            runs, grids = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr), out=cfg.out,
+                                    allow_code=allow_code)
         except _input_errors() as err:
             _print_notes(caught)
-            return _fail("sweep", err)
+            if isinstance(getattr(err, "exit_code", None), int):  # e.g. a full disk: its own code
+                raise
+            raise SweepInputError(str(err)) from err
     _print_notes(caught)
     out = Path(cfg.out).expanduser()
     print((out / "results.md").read_text())
@@ -520,7 +573,8 @@ def fid_main(gen: str, ref: str, extractor: str = "inception-v3-compat", layer: 
     """``fewstep fid``: FD (KID, P/R) between two image sets or statistics files; ``--save`` writes the
     generated side's statistics (``.npz`` with its protocol). Float ``.pt`` tensors need ``--range``.
     Bad input (a missing path, an unreadable image or file, a float tensor of unknown range, a device
-    that is not there) is one line on stderr and exit status 2; cache trouble is a note, never fatal."""
+    that is not there) raises ``SweepInputError``: one line on stderr and exit status 2 from ``fewstep``;
+    cache trouble is a note, never fatal."""
     import warnings
 
     from fewstep.io import parse_value_range
@@ -538,7 +592,9 @@ def fid_main(gen: str, ref: str, extractor: str = "inception-v3-compat", layer: 
             s = score(g, r, kid_subset_size, prc_k=prc_k)
         except _input_errors() as err:
             _print_notes(caught)
-            return _fail("fid", err)
+            if isinstance(getattr(err, "exit_code", None), int):  # e.g. a full disk: its own code
+                raise
+            raise SweepInputError(str(err)) from err
     _print_notes(caught)
     if json_out:
         print(json.dumps(s.to_dict(), indent=2))

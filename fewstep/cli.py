@@ -10,18 +10,20 @@ so ``fewstep --help`` is instant.
 Adding a subcommand is one ``COMMANDS`` entry: the module and function that run it, a help line, and
 either a function declaring its flags or (a training job) a ``fewstep.config`` dataclass.
 
-- Flag commands (``demo``, ``fid``, ``sweep``, ``grid``): the function is called with the options as
-  keyword arguments (only those given on the command line or in ``--config``; it owns the defaults).
-  A ``check`` hook turns bad input into an argparse error (exit 2) before the job starts.
-- Config commands (``train-*``): ``--config FILE.yaml`` and ``KEY=VALUE`` overrides go through
-  ``fewstep.config.load``; the function gets the typed dataclass first, then any extra flags.
-  ``--help`` lists every key with its default.
+- Flag commands (``demo``, ``fid``, ``sweep``, ``grid``, ``tune``): the function is called with the options
+  as keyword arguments (only those given on the command line or in ``--config``; it owns the defaults).
+  A ``check`` hook turns bad input into a usage error (exit 2) before the job starts.
+- Config commands (``train-teacher``, ``train-mr``, ``distill``, ``train-classifier``): ``--config FILE.yaml``
+  and ``KEY=VALUE`` overrides go through ``fewstep.config.load``; the function gets the typed dataclass
+  first, then any extra flags. ``--help`` lists every key with its default.
 
-Either way it returns an exit code. An exception that carries an ``exit_code`` is a message for the user,
-not a bug: it is printed as one line (``fewstep NAME: ...``, no traceback) and its code returned -- the
-training core's refusals (a checkpoint of another recipe or past ``steps``; a folder in use; exit 2, like
-a config error), an unwritable folder or a full disk (1), and an interrupted run (130 after SIGINT, 143
-after SIGTERM: saved, and rerunning the same command resumes).
+Either way it returns an exit code. Every error a user can cause is one line on stderr,
+``fewstep NAME: error: ...``, never a traceback (``--debug`` shows it): a bad flag, option or config value
+(exit 2, before the job starts); an exception that carries an ``exit_code`` -- the training core's refusals
+(a checkpoint of another recipe or past ``steps``; a folder in use; a non-finite loss; exit 2, like a config
+error), an unreadable teacher (2), an unwritable folder or a full disk (1), and an interrupted run (130 after
+SIGINT, 143 after SIGTERM: saved, and rerunning the same command resumes); and the exceptions a command
+lists as ``user_errors`` (a bad teacher, data set or file: 2).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Command(NamedTuple):
     settings: type | None = None  # a fewstep.config dataclass: ``--config FILE.yaml`` + ``KEY=VALUE``
     #: exceptions that, out of this command, are the user's to fix (a config, a teacher, data): one line, exit 2
     user_errors: tuple[type, ...] = ()
+    epilog: str | None = None  # ``--help``'s last words (a config command's: its keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +186,24 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=_int_at_least(2, "n"), help="generated images per cell (default: 256)")
     p.add_argument("--seed", type=int, help="first seed; repeat r uses seeds seed + r*n ... (default: 0)")
     p.add_argument("--repeats", type=_int_at_least(1, "repeats"), help="disjoint seed ranges per cell (default: 1)")
-    p.add_argument("--model", help="'testbed' (exact Gaussian mixture over images); YAML also takes a mapping")
+    p.add_argument("--model", help="'testbed' (exact Gaussian mixture over images); in --config also a mapping: "
+                                   "{kind: testbed, image_size: 8, ...} or {kind: factory, target: "
+                                   "'module:function', kwargs: {...}} (runs that code: see below)")
     p.add_argument("--reference", help="'model' (testbed data), an image folder, a .pt image tensor or a .npz")
     p.add_argument("--n-reference", type=_int_at_least(2, "n-reference"), help="reference images (default: 1024)")
     p.add_argument("--timesteps", metavar="NAME", help="timestep grid (default: the sampler's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/sweep)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let a config's model {kind: factory, target: 'module:function'} import and run a "
+                        "function outside fewstep's own modules (fewstep.*); without it such a target is refused")
     _add_extractor_arguments(p)
+
+
+#: ``fewstep sweep --help``'s epilog: a config can name code to run (``fewstep.eval.sweep.load_model``).
+_SWEEP_EPILOG = ("A config's model: {kind: factory, target: 'module:function', kwargs: {...}} imports that module "
+                 "and calls the function (it returns (denoiser, shape)): it runs code. Targets in fewstep's own "
+                 "modules (fewstep.*, e.g. fewstep.demo:teacher_model) are allowed; any other needs --allow-code. "
+                 "Run only configs you trust.")
 
 
 def _check_sweep(opts: dict) -> None:
@@ -220,13 +235,34 @@ def _add_train_teacher_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="override train.output_dir")
 
 
+def _check_grid(opts: dict) -> None:
+    """Validate grid options before any model is loaded: the sampler, and an image file we can write."""
+    from pathlib import Path
+
+    _check_samplers([opts.get("sampler", "dpmpp_2m")])
+    out = Path(opts.get("out", "samples.png")).expanduser()
+    _check_image_suffix(out)
+    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write --out {out}: {folder} is not a writable folder")
+
+
+def _check_image_suffix(out) -> None:
+    from PIL import Image
+
+    Image.init()
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image file extension {out.suffix!r}; use .png (or .jpg, .webp)")
+
+
 def _add_grid_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, metavar="DIR", help="a diffusers DDPMPipeline folder")
+    p.add_argument("--pipeline", required=True, metavar="DIR", help="a diffusers DDPMPipeline (or DDIMPipeline) folder")
     p.add_argument("--sampler", metavar="NAME", help="registry name (default: dpmpp_2m)")
     p.add_argument("--steps", type=_int_at_least(1, "steps"), help="sampler steps (default: 20)")
     p.add_argument("--n", type=_int_at_least(1, "n"), help="images, 8 per row (default: 64)")
     p.add_argument("--seed", type=int, help="seed of x_T and the noise (default: 0)")
-    p.add_argument("--out", metavar="FILE.png", help="image file (default: samples.png)")
+    p.add_argument("--out", metavar="FILE.png",
+                   help="image file, its format from the extension; its folder is made (default: samples.png)")
 
 
 def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,10 +306,10 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command("fewstep.eval.sweep", "sweep_main",
                      "FD of samplers x NFE x seed ranges against one reference: CSV/JSON/Markdown tables and a "
                      "FD-vs-NFE plot (configs/sweep_*.yaml)",
-                     _add_sweep_arguments, _check_sweep, config=True),
+                     _add_sweep_arguments, _check_sweep, config=True, epilog=_SWEEP_EPILOG),
     "grid": Command("fewstep.distill.grid", "cli",
                     "sample an image grid from a diffusers DDPMPipeline with any fewstep sampler",
-                    _add_grid_arguments),
+                    _add_grid_arguments, _check_grid, user_errors=(ValueError, FileNotFoundError)),
     "tune": Command("fewstep.tune", "main",
                     "fit a sampler's timestep grid at each NFE to a DDPM pipeline's own ODE trajectories (GITS "
                     "dynamic programming, then a search on the sampler's endpoint error); saves a scheduler folder "
@@ -295,7 +331,7 @@ COMMANDS: dict[str, Command] = {
                        _add_max_steps, settings=cfg.DistillConfig, user_errors=(ValueError, FileNotFoundError)),
     "train-classifier": Command("fewstep.eval.classifier", "cli",
                                 "train the Fashion-MNIST classifier whose features give FD-fmnist",
-                                settings=cfg.ClassifierConfig),
+                                settings=cfg.ClassifierConfig, user_errors=(ValueError, FileNotFoundError)),
 }
 
 
@@ -353,8 +389,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``fewstep NAME: error: ...; see --help``), like every
+    other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fewstep",
         description="Few-step diffusion samplers, distillation and FID evaluation.",
         epilog="Run `fewstep COMMAND --help` for a command's options.")
@@ -365,6 +409,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         extra = {}
         if cmd.settings is not None:  # the epilog lists every key; keep its lines as they are
             extra = dict(epilog=cfg.help_text(cmd.settings), formatter_class=argparse.RawDescriptionHelpFormatter)
+        elif cmd.epilog is not None:
+            extra = dict(epilog=cmd.epilog)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, argument_default=argparse.SUPPRESS, **extra)
         if cmd.add_arguments is not None:
             cmd.add_arguments(p)
@@ -374,8 +420,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         if cmd.settings is not None:
             p.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below")
+            example = "dotted in a section: train.lr=1e-4" if cfg.has_sections(cmd.settings) else "e.g. steps=100"
             p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                           help="set a key listed below (dotted in a section: train.lr=1e-4); applied after --config")
+                           help=f"set a key listed below ({example}); applied after --config")
         subparsers[name] = p
     return parser, subparsers
 
@@ -446,14 +493,19 @@ def _options(cmd: Command, parser: argparse.ArgumentParser, args: dict) -> tuple
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = build_parser()
-    args = vars(parser.parse_args(_join_range(sys.argv[1:] if argv is None else argv)))
+    namespace, extra = parser.parse_known_args(_join_range(sys.argv[1:] if argv is None else argv))
+    args = vars(namespace)
     name = args.pop("command")
+    if extra:  # said by the subcommand's parser: "fewstep NAME: error: ..."
+        subparsers[name].error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.pop("debug", False)
     cmd, sub = COMMANDS[name], subparsers[name]
     try:
         positional, opts = _options(cmd, sub, args)
-    except ValueError as err:
-        sub.error(str(err))  # exits 2 with "fewstep NAME: error: ..."
+    except ValueError as err:  # a bad option or config value: one line, exit 2, before the job starts
+        if debug:
+            raise
+        sub.exit(2, f"{sub.prog}: error: {_one_line(err)}\n")
     func = getattr(importlib.import_module(cmd.module), cmd.function)
     try:
         return int(func(*positional, **opts) or 0)

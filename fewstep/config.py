@@ -20,6 +20,7 @@ command line (and its help) stays instant.
 from __future__ import annotations
 
 import collections.abc
+import math
 import os
 import types
 import typing
@@ -27,9 +28,10 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 __all__ = ["option", "section", "load", "from_dict", "apply_override", "read_yaml", "reject_unknown", "given",
+           "has_sections", "check_data_source", "MIXED_PRECISION", "DATA_SOURCES", "DATA_SPLITS", "DATA_CONDITIONS",
            "help_text", "TrainConfig", "UNetConfig", "DDPMSchedulerConfig", "DataConfig", "MRConfig",
            "TeacherConfig", "MRTrainConfig", "ClassifierConfig", "ProgressiveConfig", "ConsistencyConfig", "FDistillConfig", "SIMConfig",
-           "GuidanceConfig", "DistillConfig"]
+           "GuidanceConfig", "LoRAConfig", "DistillConfig"]
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
@@ -213,6 +215,11 @@ def load(cls: type, path: str | os.PathLike | None = None, overrides: Sequence[s
     return from_dict(cls, data)
 
 
+def has_sections(cls: type) -> bool:
+    """Whether ``cls`` has sections (its keys are dotted: ``train.lr``)."""
+    return any(_is_section(f) for f in fields(cls))
+
+
 def given(obj: Any) -> dict[str, Any]:
     """The fields of a section that are set (not ``None``): the keyword arguments it passes on."""
     return {f.name: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name) is not None}
@@ -259,6 +266,10 @@ def help_text(cls: type) -> str:
 # The sections
 
 
+#: ``train.mixed_precision``: what the training core runs (accelerate's names; fp8 needs extra packages).
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by every trainer (a YAML file's ``train:`` section): the training core's loop
@@ -280,9 +291,15 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "newest checkpoints kept (older ones are deleted)")
     log_every: int = option(50, "steps between history entries")
     seed: int = option(0, "seed of the weights, batches and noise")
-    mixed_precision: str = option("no", "accelerate's spelling: no, fp16, bf16")
+    mixed_precision: str | None = option(None, "no, fp16 or bf16; unset: accelerate's (accelerate launch "
+                                               "--mixed_precision / accelerate config), else no. Both set and "
+                                               "different is an error")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (batch_size is split over them)")
     cpu: bool = option(False, "train on the CPU even when a GPU is there")
+    frozen_dtype: str = option("float32", "weights of the frozen networks (a teacher): float32, bfloat16 or float16 "
+                                          "(half the memory; inputs are cast to it, outputs back)")
+    gradient_checkpointing: bool = option(False, "trainable diffusers networks recompute activations in the "
+                                                 "backward pass (less memory, ~30 % more compute)")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
@@ -293,14 +310,19 @@ class TrainConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of gradient_accumulation_steps "
                              f"{self.gradient_accumulation_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0 or null, got {self.grad_clip}")
         if self.warmup_steps < 0 or self.ema_start < 0:
             raise ValueError("warmup_steps and ema_start must be >= 0")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision must be {', '.join(MIXED_PRECISION)} (accelerate's spelling) "
+                             f"or unset (accelerate's choice), got {self.mixed_precision!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -334,6 +356,23 @@ class UNetConfig:
                                                 "the null class of classifier-free guidance)")
     class_embed_type: str | None = option(None, "null (an embedding table of num_class_embeds) or timestep")
 
+    def __post_init__(self):
+        # GroupNorm splits every block's channels into norm_num_groups groups: refuse what torch would, here
+        # (a given norm_num_groups against the channels, given or diffusers' default; the reverse waits for
+        # the UNet, so that a section of channels alone still loads)
+        groups = self.norm_num_groups
+        if groups is None:
+            return
+        channels = (224, 448, 672, 896) if self.block_out_channels is None else tuple(self.block_out_channels)
+        if groups < 1:
+            raise ValueError(f"model.norm_num_groups must be an integer >= 1, got {groups!r}")
+        bad = [c for c in channels if c % groups]
+        if bad:
+            fits = [g for g in range(min(channels), 0, -1) if all(c % g == 0 for c in channels)][:3]
+            raise ValueError(f"model.norm_num_groups {groups} must divide every block's channels "
+                             f"(model.block_out_channels {list(channels)}; {bad[0]} is not a multiple of {groups}): "
+                             f"set model.norm_num_groups to e.g. {' or '.join(map(str, fits))}, or change the channels")
+
 
 @dataclass
 class DDPMSchedulerConfig:
@@ -354,6 +393,20 @@ class DDPMSchedulerConfig:
     rescale_betas_zero_snr: bool | None = option(None, "diffusers: false")
 
 
+#: ``fewstep.data``'s named sources (besides ``folder:PATH``), splits and condition kinds.
+DATA_SOURCES = ("fashion_mnist", "mnist", "cifar10", "digits")
+DATA_SPLITS = ("train", "test")
+DATA_CONDITIONS = ("auto", "none", "labels", "captions")
+
+
+def check_data_source(name: str, split: str | None = None) -> None:
+    """A ``ValueError`` saying what is known, for a data set name or split no source has."""
+    if not isinstance(name, str) or not (name in DATA_SOURCES or name.startswith("folder:") and len(name) > 7):
+        raise ValueError(f"unknown data set {name!r}; expected {', '.join(DATA_SOURCES)} or folder:PATH")
+    if split is not None and split not in DATA_SPLITS:
+        raise ValueError(f"unknown data split {split!r}; expected {' or '.join(DATA_SPLITS)}")
+
+
 @dataclass
 class DataConfig:
     """``load_images`` / ``load_conditioned`` keyword arguments (null: its default); ``prompts`` is
@@ -370,6 +423,11 @@ class DataConfig:
     limit: int | None = option(None, "use only the first N images")
     conditions: str = option("auto", "auto, none, labels or captions: what to read as each image's condition")
     prompts: str | None = option(None, "text file of prompts, one per line (the data-free methods' conditions)")
+
+    def __post_init__(self):
+        check_data_source(self.name, self.split)
+        if self.conditions not in DATA_CONDITIONS:
+            raise ValueError(f"data.conditions must be one of {', '.join(DATA_CONDITIONS)}, got {self.conditions!r}")
 
 
 @dataclass
@@ -445,9 +503,23 @@ class ProgressiveConfig:
 
     start_steps: int = option(64, "the first teacher's DDIM steps (a power of two); students halve it each round")
     end_steps: int = option(1, "the last student's steps (a power of two)")
-    prediction_type: str = option("v_prediction", "student parameterisation: v_prediction or sample (x)")
-    weighting: str = option("truncated_snr", "x-MSE weight: truncated_snr (max(SNR, 1)) or snr_plus_one")
+    prediction_type: str = option("v_prediction", "student parameterisation: v_prediction, sample (x), epsilon, or "
+                                                  "teacher (the teacher's own: round 0 starts with the student equal "
+                                                  "to its teacher, as the reference; other types read the teacher's "
+                                                  "weights as another function)")
+    weighting: str = option("truncated_snr", "x-MSE weight: truncated_snr (max(SNR, 1), the reference's snr_trunc), "
+                                             "snr_plus_one (v-MSE), snr (eps-MSE) or constant (x-MSE)")
     anneal: str = option("linear", "learning rate within each round: linear (to 0, as the paper) or constant")
+
+    def __post_init__(self):
+        if self.prediction_type == "both":
+            raise ValueError("progressive.prediction_type both (the reference's x and eps heads) cannot be exported: "
+                             "diffusers' DDIMScheduler runs epsilon, sample or v_prediction networks; train a both "
+                             "student through the Python API (fewstep.distill.progressive)")
+        kinds = ("v_prediction", "sample", "epsilon", "teacher")
+        if self.prediction_type not in kinds:
+            raise ValueError(f"progressive.prediction_type must be one of {', '.join(kinds)} (diffusers' names), "
+                             f"got {self.prediction_type!r}")
 
 
 @dataclass
@@ -478,7 +550,12 @@ class FDistillConfig:
     variant: str = option("f_distill", "f_distill (DMD-normalised; f=rkl is DMD2) or diff_instruct (rkl, unnormalised)")
     f: str = option("rkl", "f-divergence: rkl, kl (forward), js, sh (squared Hellinger), sf (softened rkl), jf (Jeffreys)")
     prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
-    update_ratio: int = option(5, "critic (fake score, discriminator) updates per generator update")
+    update_ratio: int = option(5, "critic (fake score, discriminator) updates per generator update (reference "
+                                  "fastgen: FastGen's student_update_freq, update_ratio - 1 critic updates)")
+    reference: str = option("dmd2", "dmd2 (every step updates the critics, every update_ratio-th the generator too; "
+                                    "ratio EMA from the first batch; time bins over [min_t, max_t]) or fastgen "
+                                    "(NVIDIA FastGen's f-distill: a step updates the generator or the critics; "
+                                    "ratio EMA from ones; time bins over the whole training range)")
     discriminator: bool = option(False, "train a GAN head on frozen teacher features (the ratio r; needs data)")
     gan_weight: float = option(0.0, "weight of the generator's GAN term softplus(-D) (needs discriminator)")
     r1_weight: float = option(0.0, "finite-difference R1 on real inputs (FastGen's approximation)")
@@ -503,6 +580,9 @@ class SIMConfig:
     distance: str = option("pseudo_huber", "pseudo_huber or l2 (squared L2: the Fisher divergence)")
     huber_c: float = option(1.0, "pseudo-Huber c, in denoiser units (|x_hat_teacher - x_hat_fake| over C, H, W)")
     sid_alpha: float = option(1.2, "SiD's alpha")
+    dmd_normaliser: bool | None = option(None, "weight each example by DMD's 1 / mean|x - x_hat_teacher| (null: "
+                                               "each variant's reference: false for sim, SIM's own loss; true "
+                                               "for sid, as SiD's code)")
     prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
     update_ratio: int = option(1, "fake-score updates per generator update")
     min_t: float = option(0.02, "lowest timestep of the generator's term, a fraction of the training range")
@@ -532,6 +612,36 @@ class GuidanceConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA students through peft (Hu et al. 2021), ``lora:`` section (fewstep.distill.lora): the student's
+    network is the teacher's, frozen, plus trainable low-rank updates ``(alpha / rank) B A`` of its layers."""
+
+    label: ClassVar[str] = "lora"
+
+    rank: int = option(0, "LoRA rank r (0: off, full students: every weight trains)")
+    alpha: float | None = option(None, "LoRA alpha: updates are scaled by alpha / rank (null: = rank)")
+    target_modules: tuple[str, ...] | None = option(None, "layers that get a LoRA, by the end of their module name, "
+                                                          "e.g. to_q to_k (null: the teacher family's default)")
+    dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    fake: bool | None = option(None, "fdistill / sim: the fake score is a LoRA too (null: true when rank > 0)")
+    export: str = option("fused", "lora (the LoRA alone, for the teacher's pipeline: pipe.load_lora_weights; "
+                                  "pipelines with diffusers' LoRA loader, e.g. Stable Diffusion, SDXL) or fused "
+                                  "(merged into the weights: a full student, any pipeline)")
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"lora.rank must be an integer >= 0 (0: full students), got {self.rank!r}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be > 0 or null (= rank), got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.export not in ("lora", "fused"):
+            raise ValueError(f"lora.export must be lora or fused, got {self.export!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one layer (null: the family's default)")
+
+
+@dataclass
 class DistillConfig:
     """``fewstep distill``: a few-step student from a diffusers pipeline teacher."""
 
@@ -545,6 +655,7 @@ class DistillConfig:
                                      "(default: train.output_dir/prepared_data.pt)")
     train: TrainConfig = section(TrainConfig)
     guidance: GuidanceConfig = section(GuidanceConfig)
+    lora: LoRAConfig = section(LoRAConfig)
     progressive: ProgressiveConfig = section(ProgressiveConfig)
     consistency: ConsistencyConfig = section(ConsistencyConfig)
     fdistill: FDistillConfig = section(FDistillConfig)

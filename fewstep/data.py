@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewstep.config import DATA_CONDITIONS, DATA_SOURCES, DATA_SPLITS, check_data_source as check_source
+
 __all__ = ["DEBIAN_FASHION_MNIST", "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "CONDITIONS", "read_idx",
            "load_fashion_mnist", "load_images", "load_conditioned", "load_prompts", "ConditionedImages",
-           "preprocess", "image_files", "read_image", "ImageReadError"]
+           "preprocess", "image_files", "read_image", "ImageReadError", "SOURCES", "SPLITS", "check_source"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -47,7 +49,9 @@ _IDX_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-u
 _IDX_LABELS = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
-CONDITIONS = ("auto", "none", "labels", "captions")
+# the named sources, splits and condition kinds live in fewstep.config (torch-free), which checks a config's
+CONDITIONS = DATA_CONDITIONS
+SOURCES, SPLITS = DATA_SOURCES, DATA_SPLITS
 METADATA = "metadata.jsonl"
 
 
@@ -103,18 +107,32 @@ def _torchvision(name: str, split: str, root: str, download: bool) -> tuple[Tens
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
-    ds = cls(root=root, train=split == "train", download=download)
+    try:
+        ds = cls(root=root, train=split == "train", download=download)
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        how = ("set data.root to the folder that holds it" if download else
+               "set data.download=true where the internet is reachable, or data.root to the folder that holds it")
+        raise FileNotFoundError(f"data set {name!r} not found under {Path(root).resolve()}; {how}") from None
+    except OSError as err:  # a download that could not reach the internet
+        raise FileNotFoundError(f"cannot download data set {name!r} to {root}: {err}; download it where the "
+                                "internet is reachable and set data.root to its folder") from None
     data = torch.as_tensor(ds.data)
     data = data.permute(0, 3, 1, 2) if data.ndim == 4 else data  # CIFAR is NHWC
     return data, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+
+class MissingPackage(ImportError):
+    """An optional package a data source needs: one line for the user (``fewstep`` exits 2)."""
+
+    exit_code = 2
 
 
 def _digits() -> tuple[Tensor, Tensor]:
     """scikit-learn's digits as uint8 images (0..16 scaled to 0..255) and their labels."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from err
+    except ImportError:
+        raise MissingPackage("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     images = torch.as_tensor(digits.images * (255.0 / 16.0)).round().to(torch.uint8)
     return images, torch.as_tensor(digits.target, dtype=torch.int64)
@@ -268,6 +286,7 @@ def _folder_conditioned(path: str) -> tuple[Tensor, Tensor | None, list[str] | N
 
 def _source(name: str, split: str, root: str | None, download: bool, with_conditions: bool):
     """Raw images (uint8) with labels, captions and class names, as the named source stores them."""
+    check_source(name, split)
     if name.startswith("folder:"):
         path = name[len("folder:"):]
         return _folder_conditioned(path) if with_conditions else (_folder(path), None, None, None)
@@ -280,7 +299,7 @@ def _source(name: str, split: str, root: str | None, download: bool, with_condit
     if name == "digits":
         images, labels = _digits()
         return images, labels, None, [str(d) for d in range(10)]
-    raise ValueError(f"unknown data set {name!r}; expected fashion_mnist, mnist, cifar10, digits or folder:PATH")
+    raise AssertionError(name)  # check_source knows every name
 
 
 def load_images(name: str, split: str = "train", size: int | None = None, channels: int | None = None,

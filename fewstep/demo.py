@@ -54,16 +54,14 @@ def teacher_model(pipeline: str | None = None, time_shift: dict | None = None):
     optionally under model-time Time-Shift: the sweep's model factory."""
     from diffusers import DDPMPipeline
 
+    from fewstep.distill.families import load_pipeline
     from fewstep.samplers import ModelDenoiser
     from fewstep.teachers import FMNIST
 
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on every sweep
-    folder = Path(pipeline or FMNIST)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DDPMPipeline.from_pretrained(str(folder))
+    pipe = load_pipeline(Path(pipeline or FMNIST), DDPMPipeline, "pipeline")  # a bad folder: one line
     denoiser = ModelDenoiser.from_diffusers(pipe.unet.eval().requires_grad_(False), pipe.scheduler.config)
     if time_shift:
         from fewstep.samplers.timeshift import TimeShiftDenoiser
@@ -261,6 +259,12 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
         reference = str(FMNIST_FD_REFERENCE)
     extractor = extractor or ("fmnist-classifier" if fmnist_shaped else "inception-v3-compat")
     fx = FeatureExtractor(extractor, weights=weights)
+    # what the user named is checked before any sampling: the reference (its statistics are cached by content,
+    # so the sweeps below reuse them) and the students folder
+    ref_stats = load_stats(reference, fx, SweepConfig(reference=reference, n_reference=0, batch_size=batch_size))
+    if students is None:
+        students = FMNIST_STUDENTS if pipeline is None else False
+    folders = discover_students(students) if students else []
     model_spec = {"kind": "factory", "target": "fewstep.demo:teacher_model",
                   "kwargs": {"pipeline": None if pipeline is None else str(pipeline)}}
     base = dict(n=n_samples, seed=seed, repeats=1, batch_size=batch_size, reference=reference, n_reference=0,
@@ -285,12 +289,8 @@ def run_report(out: str | os.PathLike = "fewstep-demo", methods: Sequence[str] =
             cells.append(Cell(label_of[run.sampler], run.nfe, run.score.fd if run.score else None,
                               run.sample_seconds, n_samples, note=run.note, cpu_seconds=run.sample_cpu_seconds))
         grids.update({(label_of[k[0]], k[1]): v for k, v in sweep_grids.items() if k[0] in label_of})
-    ref_stats = load_stats(reference, fx, SweepConfig(reference=reference, n_reference=0, batch_size=batch_size))
-    if students is None:
-        students = FMNIST_STUDENTS if pipeline is None else False
     student_cells, student_grids = [], {}
     if students:
-        folders = discover_students(students)
         log(f"students: {', '.join(p.name for p in folders) or 'none'} in {students}")
         student_cells, student_grids = score_students(folders, shape, fx, ref_stats, n_samples, seed, batch_size,
                                                       out / "cells" / "students.json", log)

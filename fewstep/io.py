@@ -3,13 +3,14 @@
 - ``to_uint8``: float images -> uint8 pixels with EDM's quantisation (``generate.py``).
 - ``images_to_uint8``: the input contract for image *data* (tensors, data sets, files): uint8 as is, or
   floats in a declared ``value_range`` that they must fit; anything else is refused with how to convert.
-- ``save_grid``: images in ``[-1, 1]`` as one PNG grid (``nrow`` per row, 1-pixel padding).
+- ``save_grid``: images in ``[-1, 1]`` as one image grid (``nrow`` per row, 1-pixel padding), atomically.
 - ``atomic_write`` (and ``atomic_write_bytes``, ``atomic_save``): write a temporary file beside the
   target, fsync, then rename it over the target, so a killed process never leaves a torn file.
 - ``atomic_dir``: the same for a folder (an exported diffusers pipeline): write into a temporary
   sibling, and only once it is complete rename it into place, replacing the older one.
-A full disk raises ``NoSpaceLeft`` ("no space left on the device for PATH") and leaves no temporary
-file or folder behind.
+A full disk or quota (``ENOSPC``, ``EDQUOT``, and torch's short-write ``unexpected pos``) raises
+``NoSpaceLeft`` ("no space left on the device for PATH", exit status 1 from ``fewstep``); any error, a
+``KeyboardInterrupt`` included, leaves no temporary file or folder behind.
 """
 
 from __future__ import annotations
@@ -94,10 +95,17 @@ def images_to_uint8(images: Tensor, value_range: tuple[float, float] | None = No
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> str:
-    """``[N, C, H, W]`` images in ``[-1, 1]`` (clamped) as one image file, ``nrow`` images a row."""
+    """``[N, C, H, W]`` images in ``[-1, 1]`` (clamped) as one image file, ``nrow`` images a row, written
+    atomically (``atomic_write``); the file's extension picks the format (``ValueError`` for an unknown one)."""
     import torchvision
+    from PIL import Image
 
-    torchvision.utils.save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {Path(path).suffix!r}; use .png (or .jpg, .webp)")
+    grid = (images.clamp(-1, 1) + 1) / 2
+    atomic_write(path, lambda f: torchvision.utils.save_image(grid, f, format=fmt, nrow=nrow, padding=1))
     return path
 
 
@@ -106,13 +114,31 @@ class NoSpaceLeft(OSError):
 
     exit_code = 1  # the ``fewstep`` command prints it as one line
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message, without OSError's "[Errno 28]"
+
+
+#: How a full disk shows: ``OSError``'s errno, or torch's zip writer, which reports a short write as
+#: ``"... unexpected pos N vs M"`` / ``"file write failed"`` and drops the errno.
+_FULL_ERRNOS = tuple(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
+_FULL_TEXTS = ("No space left", "Disk quota exceeded", "unexpected pos", "file write failed")
+
 
 def _disk_full(err: BaseException) -> bool:
-    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    return getattr(err, "errno", None) in _FULL_ERRNOS or any(t in str(err) for t in _FULL_TEXTS)
 
 
-def _no_space(path: Path) -> NoSpaceLeft:
-    return NoSpaceLeft(errno.ENOSPC, f"no space left on the device for {path}; free space and run again")
+def _no_space(path: Path, err: BaseException) -> NoSpaceLeft:
+    quota = getattr(err, "errno", None) == getattr(errno, "EDQUOT", object()) or "quota" in str(err)
+    return NoSpaceLeft(errno.ENOSPC, f"no space left on the device for {path}{' (disk quota exceeded)' if quota else ''}"
+                                     "; free space and run again")
+
+
+def _remove(tmp: str | None) -> None:
+    """Remove a temporary file, whatever interrupted its write (never masking that error)."""
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -120,19 +146,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     ``path``; on any error the temporary file is removed and ``path`` is untouched (a full disk raises
     ``NoSpaceLeft``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
     except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         if isinstance(err, Exception) and _disk_full(err):
-            raise _no_space(path) from err
+            raise _no_space(path, err) from err
         raise
 
 
@@ -156,16 +183,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     error the temporary folder is removed and ``path`` is untouched (a full disk raises ``NoSpaceLeft``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         yield tmp
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception) and _disk_full(err):
-            raise _no_space(path) from err
+            raise _no_space(path, err) from err
         raise
 
 

@@ -37,12 +37,9 @@ def _write_json(path: Path, data) -> None:
 
 
 def _load_pipeline(path: str):
-    from diffusers import DiffusionPipeline
+    from fewstep.distill.families import load_pipeline
 
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe = load_pipeline(path, None, "--pipeline")  # a bad folder: one line (TeacherError, exit 2)
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise ValueError(f"{path}: tune needs a DDPM-family pipeline with a unet and a scheduler, got "

@@ -75,7 +75,8 @@ class BeginIndexMixin:
     def set_begin_index(self, begin_index: int = 0):
         """Start at model call ``begin_index``, i.e. at ``timesteps[begin_index]`` (img2img calls it with
         ``t_start * order``). Without it, the first ``step`` locates its timestep in ``timesteps``
-        (the second match if it occurs twice, as diffusers' ``index_for_timestep``).
+        (the second match if it occurs twice, as diffusers' ``index_for_timestep``; a loop that started at
+        the first of the two is recognised on its next step, see ``FewstepScheduler._first_index``).
 
         The solver restarts on the rest of the grid from the first call ``j >= begin_index`` where a
         fresh run reproduces the remaining calls (multistep methods warm up again from first order;
@@ -88,6 +89,7 @@ class BeginIndexMixin:
             raise RuntimeError("call set_timesteps before set_begin_index")
         self._begin_at(begin_index)
         self._begin_index = begin_index
+        self._twin = None
 
 
 class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
@@ -193,6 +195,12 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         # tell which sampler a config (in memory or saved) runs; diffusers adds _class_name only on load.
         self.register_to_config(sampler=name, _class_name=type(self).__name__, prediction_type=prediction_type,
                                 timestep_spacing=timestep_spacing)
+        # ... and not as a default: diffusers' from_config drops the keys listed in _use_default_values, so a
+        # compatible scheduler the config passes through would lose the sampler's name, and the way back
+        # (ours -> DDIM -> ours, diffusers' test_compatibles) the options that go with it (base, momentum).
+        defaulted = self.config.get("_use_default_values") or []
+        if "sampler" in defaulted:
+            self.register_to_config(_use_default_values=[k for k in defaulted if k != "sampler"])
         self._prediction_kind = canonical_prediction_type(prediction_type)
         self._coefs: list[tuple] = []
         if edm:
@@ -240,6 +248,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         self._bridge_end = 0  # model calls before this index are first-order bridge steps (a mid-run start)
         self._generator: torch.Generator | None = None
         self._variance_noise: Tensor | None = None
+        self._twin: int | None = None  # a first step located at the second of two calls at one timestep
 
     @property
     def is_flow(self) -> bool:
@@ -343,7 +352,9 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     # -- diffusers' bookkeeping --------------------------------------------------------------
 
-    def _begin_at(self, begin: int):
+    def _restart(self, begin: int) -> tuple[int, Grid, Solver]:
+        """The first call ``j >= begin`` where a fresh run on the rest of the grid makes the remaining model
+        calls: ``(j, that rest of the grid, the solver that runs it)``."""
         if not 0 <= begin < len(self._plan):
             raise ValueError(f"begin index {begin} is outside this run's {len(self._plan)} model calls")
         grid_times = self.grid.t[:-1].tolist()
@@ -356,14 +367,25 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             tail = Grid(self.grid.t[i:], self.grid.alpha[i:], self.grid.sigma[i:], schedule=self.grid.schedule)
             for solver in _restart_forms(self.solver):
                 if solver.plan(tail) == self._plan[j:]:
-                    self._start(tail, solver)  # the plan (and so the step indices) stay those of the whole run
-                    self._bridge_end = j
-                    return
+                    return j, tail, solver
         raise ValueError(f"{self.sampler_name} cannot start at model call {begin}: no fresh run on the rest of "
                          f"the grid makes the remaining model calls {self._plan[begin:]}")
 
+    def _begin_at(self, begin: int):
+        j, tail, solver = self._restart(begin)
+        self._start(tail, solver)  # the plan (and so the step indices) stay those of the whole run
+        self._bridge_end = j
+
     def _first_index(self, timestep) -> int:
-        """diffusers' ``_init_step_index``: the model call of the first ``step``'s timestep."""
+        """diffusers' ``_init_step_index``: the model call of the first ``step``'s timestep, the second
+        match if two calls share it (PNDM's Runge-Kutta stages, a step's last call and the next step's first).
+
+        A loop over ``timesteps[b:]`` may as well have started at the first of the two (PNDM and PLMS count
+        every call, so ``b = t_start * order`` can land there). Started there, the first call would be
+        bridged and return its sample unchanged (the next call is at the same time), and the second would
+        take the same sample and model output as this step does; so this step does the second's work, and
+        if the next ``step`` repeats the timestep (``step`` checks ``_twin``) it passes its sample through.
+        Either way the run is the one ``set_begin_index`` at the loop's start gives."""
         t = _first_value(timestep)
         matches = [k for k, p in enumerate(self._call_timesteps) if _same_time(t, p)]
         if not matches:
@@ -372,6 +394,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         begin = matches[1] if len(matches) > 1 else matches[0]
         if begin > 0:
             self._begin_at(begin)
+        first = matches[0]
+        if (len(matches) == 2 and begin == first + 1 and self._plan[first] == self._plan[begin]
+                and self._restart(first)[0] > first):  # a start at the first would bridge it
+            self._twin = begin
         return begin
 
     def __len__(self) -> int:
@@ -430,6 +456,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         self.timesteps = (torch.tensor(self._call_timesteps, dtype=torch.float32, device=device)
                           if self.is_flow or self.is_edm else _as_timestep_tensor(self._call_timesteps, device))
         self._begin_index = None
+        self._twin = None
 
     def _edm_grid(self, n: int):
         """EDM's Karras (``rho``) or exponential sigmas between ``sigma_max`` and ``sigma_min`` (float32, as
@@ -532,6 +559,14 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
         k = self._step_index
+        if self._twin is not None and k != self._twin:  # the step after a first step at a shared timestep
+            twin, self._twin = self._twin, None
+            t = _first_value(timestep)
+            repeat = _same_time(t, self._call_timesteps[twin])
+            if k == twin + 1 and repeat and (k == len(self._plan) or not _same_time(t, self._call_timesteps[k])):
+                # the loop started at the first of the two calls: this is the second, whose work the first
+                # step did (see _first_index); the sample passes through
+                return SchedulerOutput(prev_sample=sample) if return_dict else (sample,)
         if k >= len(self._plan):
             raise RuntimeError(f"step called {k + 1} times for a run of {len(self._plan)} model calls; "
                                "call set_timesteps to start a new run")

@@ -23,6 +23,8 @@ official code that remain are listed in docs/faithfulness.md.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -146,18 +148,30 @@ class TimeShift(Solver):
     the DPM-Solver family is linear in ``x / alpha`` along ``sigma_bar`` through its result, so
     extending the chord to ``t_s`` *is* the official transfer to ``t_s`` for them; for multi-stage
     solvers (Heun, PLMS's first step, RK warm-ups under ``"stretch"``) it is an approximation.
+
+    ``prk_midpoint`` (``prk="official"``): where the warm-up's stage time ``(t_i + t_s) / 2`` falls between
+    training steps, ``"interpolate"`` (the default) moves the sample to the schedule interpolated at that
+    time, the time the network is given; ``"floor"`` moves it to ``alphas_cumprod`` at the floor of that
+    time while the network still gets the fractional time, as the official ``transfer`` does
+    (``alphas_cump[t.long()]``). Discrete schedules only; docs/faithfulness.md gives the difference.
     ``window = 0`` is the wrapped solver. ``record`` lists ``{"t", "t_shifted"}`` per shifted step.
     """
 
     name = "time_shift"
 
     def __init__(self, solver: str | Solver, window: float = 30.0, cutoff: float = 300.0, data_variance: float = 0.0,
-                 rule: str = "pndm", prk: str = "official", variance_of: str | None = None, **solver_options):
+                 rule: str = "pndm", prk: str = "official", variance_of: str | None = None,
+                 prk_midpoint: str = "interpolate", **solver_options):
         _check_window(window, cutoff)
         if rule not in RULES:
             raise ValueError(f"unknown time-shift rule {rule!r}; expected one of {RULES}")
         if prk not in ("official", "stretch"):
             raise ValueError(f"unknown prk {prk!r}; expected 'official' or 'stretch'")
+        if prk_midpoint not in ("interpolate", "floor"):
+            raise ValueError(f"unknown prk_midpoint {prk_midpoint!r}; expected 'interpolate' or 'floor'")
+        if prk_midpoint == "floor" and (rule, prk) != ("pndm", "official"):
+            raise ValueError("prk_midpoint='floor' is the official PNDM loop's rule: it needs rule='pndm', "
+                             f"prk='official', not rule={rule!r}, prk={prk!r}")
         variance_of = variance_of or ("prediction" if rule == "dpm_solver" else "x")
         if variance_of not in ("x", "prediction") or (variance_of == "prediction" and rule != "dpm_solver"):
             raise ValueError(f"variance_of={variance_of!r}: 'x', or 'prediction' with rule='dpm_solver'")
@@ -169,7 +183,7 @@ class TimeShift(Solver):
             raise ValueError(f"rule='dpm_solver' re-times DPM-Solver (dpmsolver_2m) or DPM-Solver++ of order 1-2, "
                              f"not {self.solver!r}")
         self.window, self.cutoff, self.data_variance = float(window), float(cutoff), data_variance
-        self.rule, self.prk, self.variance_of = rule, prk, variance_of
+        self.rule, self.prk, self.variance_of, self.prk_midpoint = rule, prk, variance_of, prk_midpoint
         self.record: list[dict] = []
 
     def steps(self, grid, noise):
@@ -178,7 +192,8 @@ class TimeShift(Solver):
         if self.rule == "dpm_solver":
             return (yield from self._retimed_steps(grid))
         if self.rule == "pndm" and self.prk == "official" and isinstance(self.solver, PNDM):
-            return (yield from self.solver.steps(grid, noise, target=lambda i, x: self._pndm_target(i, x, grid)))
+            stages = _floored(grid) if self.prk_midpoint == "floor" else grid
+            return (yield from self.solver.steps(stages, noise, target=lambda i, x: self._pndm_target(i, x, grid)))
         return (yield from self._stretched_steps(grid, noise))
 
     def _shifted(self, x: Tensor, center: float, nominal: float, schedule) -> Tensor:
@@ -263,7 +278,29 @@ class TimeShift(Solver):
     def options(self) -> dict:
         return {"solver": self.solver, "window": self.window, "cutoff": self.cutoff,
                 "data_variance": self.data_variance, "rule": self.rule, "prk": self.prk,
-                "variance_of": self.variance_of}
+                "variance_of": self.variance_of, "prk_midpoint": self.prk_midpoint}
+
+
+class _FlooredSchedule:
+    """A discrete schedule read as the official ``transfer`` reads it: ``alphas_cumprod`` at ``floor(t)``.
+    Only off-grid reads (PNDM's warm-up stages and the moved ends) go through it; the grid's own
+    ``alpha`` / ``sigma`` stay as they are."""
+
+    def __init__(self, schedule: DiscreteVPSchedule):
+        self.schedule, self.t_min, self.t_max = schedule, schedule.t_min, schedule.t_max
+
+    def alpha(self, t) -> Tensor:
+        return self.schedule.alpha(torch.floor(self.schedule.check_times(t)))
+
+    def sigma(self, t) -> Tensor:
+        return self.schedule.sigma(torch.floor(self.schedule.check_times(t)))
+
+
+def _floored(grid: Grid) -> Grid:
+    if not isinstance(grid.schedule, DiscreteVPSchedule):
+        raise ValueError("prk_midpoint='floor' reads alphas_cumprod at an integer time: it needs a discrete "
+                         f"schedule, not {grid.schedule!r}")
+    return dataclasses.replace(grid, schedule=_FlooredSchedule(grid.schedule))
 
 
 def _extend_chord(x_i, x_next, a_i, s_i, a_next, s_next, t_s, schedule) -> Tensor:

@@ -155,3 +155,13 @@ def interrupt_and_resume():
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), rerun, saved
 
     return run
+
+
+def free_port() -> str:
+    """A TCP port free now, for ``accelerate launch --main_process_port`` (two launches at once would both
+    take the default 29500 and one would fail)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

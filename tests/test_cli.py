@@ -73,10 +73,23 @@ def test_bad_input_is_a_usage_error_with_a_clear_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_help_says_what_exists():
+    out = fewstep("--help").stdout
+    distill = " ".join(out.split("distill ", 1)[1].split())
+    for method in ("progressive", "consistency", "fdistill", "sim"):
+        assert method in distill.split("train-classifier")[0], distill
+    assert "progressive or multistep consistency" not in out
+    sweep = " ".join(fewstep("sweep", "--help").stdout.split())
+    assert "--allow-code" in sweep and "kind: factory" in sweep and "runs code" in sweep
+    grid = " ".join(fewstep("grid", "--help").stdout.split())
+    assert "DDIMPipeline" in grid
+
+
 def test_bad_input_exits_nonzero_from_the_shell():
     out = fewstep("demo", "--nfe", "0")
     assert out.returncode == 2
     assert "fewstep demo: error" in out.stderr and "NFE must be >= 1" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr  # one line, also argparse's
 
 
 def test_config_file_is_read_and_flags_override_it(capsys):

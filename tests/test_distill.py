@@ -222,9 +222,10 @@ _TWO_PROCESS_SCRIPT = """
 import sys, torch
 from fewstep.config import DistillConfig, from_dict
 from fewstep.distill.run import distill
-teacher, data, out = sys.argv[1:4]
+teacher, data, out, method = sys.argv[1:5]
 config = from_dict(DistillConfig, {
-    "teacher": teacher, "progressive": {"start_steps": 4},
+    "teacher": teacher, "method": method, "progressive": {"start_steps": 4},
+    "consistency": {"student_steps": 1, "teacher_steps": 4, "teacher_steps_end": 16, "anneal_updates": 4},
     "train": {"output_dir": out, "steps": 4, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 4, "log_every": 4,
               "progress": False, "cpu": True, "ema_decay": 0.0},
     "data": {"name": "fashion_mnist", "root": data, "size": 8}})
@@ -232,7 +233,8 @@ distill(config)
 """
 
 
-def test_two_cpu_processes_train_the_same_student_as_one(tiny_teacher, idx_folder, tmp_path):
+@pytest.mark.parametrize("method", ["progressive", pytest.param("consistency", marks=pytest.mark.slow)])
+def test_two_cpu_processes_train_the_same_student_as_one(tiny_teacher, idx_folder, tmp_path, method):
     import shutil
     import subprocess
     import sys
@@ -251,13 +253,16 @@ def test_two_cpu_processes_train_the_same_student_as_one(tiny_teacher, idx_folde
     if launcher is None:
         pytest.skip("accelerate's launcher is not on PATH")
     args = [str(no_dropout), str(idx_folder)]
-    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), method], check=True,
+                   capture_output=True)
+    from conftest import free_port
+
     two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args,
-                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+                          "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args,
+                          str(tmp_path / "two"), method], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    a = UNet2DModel.from_pretrained(tmp_path / "one" / "students" / "progressive-1" / "unet").state_dict()
-    b = UNet2DModel.from_pretrained(tmp_path / "two" / "students" / "progressive-1" / "unet").state_dict()
+    a = UNet2DModel.from_pretrained(tmp_path / "one" / "students" / f"{method}-1" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(tmp_path / "two" / "students" / f"{method}-1" / "unet").state_dict()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     changed = max(float((a[k] - unet.state_dict()[k]).abs().max()) for k in a)
     assert changed > 1e-3  # the students did train

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from fewstep.distill.fdiv import (F_DIVERGENCES, bin_index, bin_totals, density_ratio, dmd_normaliser,
-                                  f_function, f_weight, matching_gradient, normalise_by_bins, normalise_weight,
-                                  sid_loss, sim_distance, sim_distance_grad, sim_loss, vsd_loss)
+from fewstep.distill.fdiv import (F_DIVERGENCES, bin_totals, density_ratio, dmd_normaliser, f_function, f_weight,
+                                  matching_gradient, normalise_by_bins, normalise_weight, sid_loss, sim_distance,
+                                  sim_distance_grad, sim_loss, time_bins, vsd_loss)
 from fewstep.testbed import GaussianMixture
 
 F64 = torch.float64
@@ -176,7 +176,7 @@ def test_density_ratio_clamps_logits_then_ratios():
 
 def test_time_bin_normalisation_divides_by_each_bins_mean():
     r = torch.tensor([1.0, 3.0, 10.0, 30.0])
-    bins = bin_index(torch.tensor([0.05, 0.08, 0.95, 1.0]), 10)
+    bins = time_bins(torch.tensor([0.05, 0.08, 0.95, 1.0]), 0.0, 1.0, 10)
     assert bins.tolist() == [0, 0, 9, 9]
     sums, counts = bin_totals(r, bins, 10)
     out, means = normalise_by_bins(r, bins, sums, counts)

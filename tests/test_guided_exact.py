@@ -348,7 +348,7 @@ def test_matching_generator_loss_uses_the_closed_form_guided_teacher_and_fake(ob
         x_teacher = guided_x0(x_t, t, labels, w)
         x_fake = guided_x0(x_t, t, labels, fake_w, FAKE_MIXTURE)
         if objective == "sim":
-            per = sim_loss(x, x_teacher, x_fake, "pseudo_huber", 1.0) * dmd_normaliser(x, x_teacher)
+            per = sim_loss(x, x_teacher, x_fake, "pseudo_huber", 1.0)  # SIM's own loss (no DMD weight: its default)
         else:
             per = vsd_loss(x, matching_gradient(x_fake, x_teacher, 1.0, dmd_normaliser(x, x_teacher)))
         return float(per.mean()) / x[0].numel()  # the per-element mean, as the trainer divides

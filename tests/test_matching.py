@@ -64,6 +64,10 @@ def test_each_objective_trains_and_exports_a_one_step_student(tiny_teacher, idx_
     assert sampler.nfe == 1 and sampler.student["method"] == method
     assert sampler.student["objective"] == section.get("variant", "f_distill" if method == "fdistill" else "sim")
     assert sampler.student["training"]["updates"] == 4
+    if method == "sim":  # each variant's reference weight (tests/test_matching_reference.py)
+        assert sampler.student["dmd_normaliser"] is (section.get("variant") == "sid")
+    else:
+        assert sampler.student["reference"] == "dmd2"
     out = sampler.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
     from diffusers import DDPMPipeline  # the same student as a diffusers pipeline, same noise
@@ -180,6 +184,8 @@ def test_a_run_killed_with_sigkill_resumes_bitwise_with_three_networks(tiny_teac
     ("fdistill", {"prediction_type": "epsilon"}, "eps-parameterised"),
     ("fdistill", {"variant": "dmd"}, "variant"),
     ("sim", {"distance": "l1"}, "unknown SIM distance"),
+    ("fdistill", {"reference": "dmd"}, "unknown reference"),
+    ("fdistill", {"reference": "fastgen", "update_ratio": 1}, "student_update_freq"),
 ])
 def test_bad_matching_configs_fail_clearly(tiny_teacher, idx_folder, tmp_path, method, section, match):
     with pytest.raises(ValueError, match=match):
@@ -226,9 +232,12 @@ def test_two_cpu_processes_train_the_same_generator_as_one(tiny_teacher, idx_fol
     script.write_text(_TWO_PROCESS_SCRIPT)
     args = [str(tiny_teacher), str(idx_folder)]
     subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), method], check=True, capture_output=True)
+    from conftest import free_port
+
     # this interpreter's launcher (the one on PATH may belong to another environment)
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                          "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+                          "--dynamo_backend", "no", str(script),
                           *args, str(tmp_path / "two"), method], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     start = UNet2DModel.from_pretrained(tiny_teacher / "unet").state_dict()

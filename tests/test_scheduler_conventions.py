@@ -10,6 +10,7 @@ nonlinear term so that multistep history matters) and samples are tiny.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -202,6 +203,60 @@ def test_every_compatible_scheduler_reads_our_config(name):
     for compatible in scheduler.compatibles:
         other = compatible.from_config(scheduler.config)
         assert type(scheduler).from_config(other.config).sampler_name == scheduler.sampler_name
+
+
+#: Our schedulers as a user makes them: the sampler left to the class default, only its options given.
+BY_OPTIONS = {"HeavyBallScheduler": (HeavyBallScheduler, {}),
+              "HeavyBallScheduler-dpmpp": (HeavyBallScheduler, dict(base="dpmsolver++", beta=0.8)),
+              "GHVBScheduler": (GHVBScheduler, dict(momentum=3.8)),
+              "FewstepScheduler": (FewstepScheduler, {}),
+              "FewstepScheduler-ddim": (FewstepScheduler, dict(sampler="ddim", sampler_options={"eta": 0.0}))}
+
+
+@pytest.mark.parametrize("name", BY_OPTIONS)
+def test_a_round_trip_through_each_compatible_gives_back_the_same_config(name):
+    """diffusers' ``test_compatibles``, through every compatible scheduler: ours -> it -> ours is the same
+    config, ``_use_default_values`` included, and adds no key of ``__init__``. The sampler's name is
+    never listed as a default: diffusers' ``from_config`` drops listed keys, and with the name gone the
+    way back lost the options given beside it (``base``, ``momentum``) and re-listed the noise schedule."""
+    cls, options = BY_OPTIONS[name]
+    scheduler = cls(**get_scheduler_config(**options))
+    assert "sampler" not in scheduler.config["_use_default_values"]
+    init_keys = set(inspect.signature(cls.__init__).parameters)
+    for compatible in scheduler.compatibles:
+        back = cls.from_config(compatible.from_config(scheduler.config).config)
+        assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config), compatible
+        assert not init_keys & (set(back.config) - set(scheduler.config)), compatible
+        assert repr(back.solver) == repr(scheduler.solver)
+
+
+@pytest.mark.parametrize("name", ["fewstep-pndm", "fewstep-plms", "fewstep-heun", "fewstep-dpmpp_2m",
+                                  "GHVBScheduler"])
+def test_a_loop_from_any_timestep_without_set_begin_index_is_the_set_begin_index_run(name):
+    """diffusers' ``test_full_loop_with_noise`` (noise added at ``timesteps[b]``, then a loop over
+    ``timesteps[b:]`` without ``set_begin_index``) from every ``b``: it is the run ``set_begin_index(b)``
+    gives. PNDM and PLMS count every call (``order = 1``), so ``b`` can be the first of two calls at one
+    timestep (PNDM's Runge-Kutta stages, a step's last call and the next step's first), where the first
+    ``step`` cannot tell which of the two it is (it takes the second, as diffusers does)."""
+    scheduler = make(name)
+    noise = torch.randn(4, 3, 8, 8, generator=gen(3))
+
+    def run(begin, set_begin):
+        scheduler.set_timesteps(10)
+        if set_begin:
+            scheduler.set_begin_index(begin)
+        timesteps = scheduler.timesteps[begin:]
+        x = scheduler.add_noise(dummy_sample_deter(), noise, timesteps[:1])
+        out = loop(scheduler, x, timesteps, generator=gen(4))
+        assert scheduler.step_index == len(scheduler.timesteps)
+        return out
+
+    scheduler.set_timesteps(10)
+    n, timesteps = len(scheduler.timesteps), scheduler.timesteps.tolist()
+    twins = [b for b in range(n - 1) if timesteps[b] == timesteps[b + 1]]
+    assert bool(twins) == (name in ("fewstep-pndm", "fewstep-plms", "fewstep-heun"))
+    for begin in range(n):
+        assert torch.equal(run(begin, set_begin=False), run(begin, set_begin=True)), begin
 
 
 def test_mr_scheduler_conventions(tmp_path):

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 __all__ = ["Family", "register", "FAMILIES", "family_of", "load_teacher", "teacher_identity", "GUIDANCE_KEY",
            "cond_rows", "cond_cat", "cond_repeat", "cond_without", "TeacherError", "supported_pipelines",
-           "latent_image_shape", "class_labels"]
+           "latent_image_shape", "class_labels", "check_component_folders", "load_pipeline",
+           "UNET_LORA_TARGETS"]
 
 #: The per-example guidance scale ``w`` of a w-conditioned student, as a condition key (diffusers' name).
 GUIDANCE_KEY = "guidance_scale"
@@ -45,6 +46,13 @@ DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMult
                "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
                "DEISMultistepScheduler", "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler",
                "HeunDiscreteScheduler", "KDPM2DiscreteScheduler")
+
+#: LoRA targets of a diffusers UNet: those of diffusers' LCM-LoRA distillation scripts
+#: (``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``): the attention and feed-forward
+#: projections, and the ResNet blocks' convolutions and time projections, so a LoRA reaches every stage (a
+#: ``UNet2DModel`` with attention in its mid block only still learns through its convolutions).
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                     "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 #: pipeline class name -> adapter class (filled by ``register``).
 FAMILIES: dict[str, type["Family"]] = {}
@@ -131,6 +139,9 @@ class Family:
 
     #: components a teacher of this family cannot be read without (a latent teacher's autoencoder, ...)
     required: tuple[str, ...] = ()
+    #: the layers a LoRA student adapts by default (``lora.target_modules``; peft matches the end of a module
+    #: name); empty: this family has no default, the config must name them
+    lora_targets: tuple[str, ...] = ()
 
     def __init__(self, pipe, path: Path):
         self.pipe, self.path = pipe, Path(path)
@@ -154,8 +165,7 @@ class Family:
             if not (isinstance(entry, list) and entry and entry[0] is not None):
                 raise TeacherError(f"{index.get('_class_name')} teacher {path} has no {name!r} component; a teacher "
                                    f"of this family needs {', '.join((cls.network, 'scheduler', *cls.required))}")
-        with quiet_diffusers():
-            return cls(DiffusionPipeline.from_pretrained(path, **kwargs), path)
+        return cls(load_pipeline(path, DiffusionPipeline, "teacher", **kwargs), path)
 
     def _schedule(self):
         from fewstep.samplers.schedules import DiscreteVPSchedule
@@ -244,7 +254,13 @@ class Family:
         """``net`` as ``model(x, t, **cond)`` for ``ModelDenoiser``."""
 
         def model(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
-            return self.forward(net, x, t, cond)
+            dtype = _weight_dtype(net)
+            if dtype is None or dtype == x.dtype:
+                return self.forward(net, x, t, cond)
+            # a frozen network held in lower precision (train.frozen_dtype): its inputs in its dtype, its output
+            # back in the caller's
+            cond = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+            return self.forward(net, x.to(dtype), t, cond).to(x.dtype)
 
         return model
 
@@ -274,6 +290,20 @@ class Family:
         if self.sidecar:
             (Path(folder) / "fewstep_teacher.json").write_text(json.dumps(self.sidecar, indent=1))
 
+    @property
+    def lora_loadable(self) -> bool:
+        """Whether the pipeline class has diffusers' LoRA loader (``load_lora_weights``), so a LoRA student can
+        be exported as the LoRA alone (``export_lora``)."""
+        return hasattr(type(self.pipe), "load_lora_weights") and hasattr(type(self.pipe), "save_lora_weights")
+
+    def export_lora(self, state: dict[str, Tensor], metadata: dict, scheduler, folder: Path) -> None:
+        """Write a LoRA student into ``folder``: the LoRA of the denoising network in diffusers' LoRA file
+        (``<Pipeline>.save_lora_weights``; ``metadata`` is its peft ``LoraConfig``, so alpha / rank loads back)
+        and the student's ``scheduler`` in ``scheduler/``; the rest of the pipeline is the teacher's."""
+        type(self.pipe).save_lora_weights(folder, **{f"{self.network}_lora_layers": state,
+                                                     f"{self.network}_lora_adapter_metadata": metadata})
+        scheduler.save_pretrained(Path(folder) / "scheduler")
+
     def pipeline_inputs(self, raw: list | None, guidance_scale: float | None = None) -> dict[str, Any]:
         """The keyword arguments of the pipeline's ``__call__`` for these raw conditions (the parity tests)."""
         return {}
@@ -300,6 +330,11 @@ def quiet_diffusers():
             dlog.enable_progress_bar()
 
 
+def _weight_dtype(net: nn.Module) -> torch.dtype | None:
+    param = next(net.parameters(), None)
+    return param.dtype if param is not None else None
+
+
 def latent_image_shape(autoencoder: nn.Module, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """The decoded image's ``(C, H, W)`` of a latent ``sample_shape``: each autoencoder level after the first
     halves the resolution."""
@@ -319,6 +354,39 @@ def class_labels(raw, classes: int, device) -> dict[str, Tensor]:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_component_folders(path: str | os.PathLike, index: dict, what: str = "teacher") -> None:
+    """A ``TeacherError`` for a component ``model_index.json`` lists whose folder is missing (diffusers would
+    take the folder for a Hub id and ask to check the internet connection)."""
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry and entry[0] is not None and not (Path(path) / name).is_dir():
+            raise TeacherError(f"{what} {path} lists the component {name!r} in model_index.json but has no {name}/ "
+                               "folder: copy the whole pipeline folder (save_pretrained writes one per component)")
+
+
+def load_pipeline(path: str | os.PathLike, pipeline_class=None, what: str = "teacher", **kwargs):
+    """``pipeline_class.from_pretrained(path)`` (default ``DiffusionPipeline``) of a local folder, quietly, or
+    a one-line ``TeacherError`` saying what is wrong with the folder (no ``model_index.json``, a component
+    folder missing, a torn config or missing weights), ``what`` naming it in the message."""
+    if pipeline_class is None:
+        from diffusers import DiffusionPipeline as pipeline_class
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(f"{what} {path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        entries = json.loads(index.read_text())
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        raise TeacherError(f"{index} is not a diffusers model index (not a JSON mapping)")
+    check_component_folders(path, entries, what)
+    with quiet_diffusers():
+        try:
+            return pipeline_class.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:  # a torn config, missing weights: diffusers' words, on one line
+            raise TeacherError(f"{what} {path} cannot be loaded: {' '.join(str(err).split())}") from err
 
 
 def family_of(path: str | os.PathLike) -> type[Family]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Family, TeacherError, class_labels, register
+from . import UNET_LORA_TARGETS, Family, TeacherError, class_labels, register
 
 
 @register
 class DDPMFamily(Family):
     pipelines = ("DDPMPipeline", "DDIMPipeline")
     network = "unet"
+    lora_targets = UNET_LORA_TARGETS
 
     def __init__(self, pipe, path):
         super().__init__(pipe, path)

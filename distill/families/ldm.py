@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import Family, TeacherError, latent_image_shape, register
+from . import UNET_LORA_TARGETS, Family, TeacherError, latent_image_shape, register
 
 
 
@@ -21,6 +21,7 @@ class LDMFamily(Family):
     required = ("vqvae",)
     network = "unet"
     condition_kind = None
+    lora_targets = UNET_LORA_TARGETS
 
     def __init__(self, pipe, path):
         super().__init__(pipe, path)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, register
+from . import GUIDANCE_KEY, UNET_LORA_TARGETS, Family, TeacherError, cond_repeat, latent_image_shape, register
 
 __all__ = ["StableDiffusionFamily", "StableDiffusionXLFamily", "GUIDANCE_EMBED_DIM"]
 
@@ -43,6 +43,7 @@ class StableDiffusionFamily(Family):
     required = ("vae", "text_encoder", "tokenizer")
     network = "unet"
     condition_kind = "text"
+    lora_targets = UNET_LORA_TARGETS  # diffusers' LCM-LoRA script's, for SD 1.5 and SDXL alike
     #: the negative prompt guidance contrasts with; ``None`` is the pipeline's default (``""``)
     negative_prompt: str | None = None
     #: pipeline config entries that are ``__init__`` flags, not components
