@@ -431,5 +431,7 @@ class DistributionMatching(Method):
                     gan = F.softplus(-logit).float().mean()
                     out["gan"] = gan.detach()
                     loss = loss + self.gan_weight * gan
-        out["generator"] = ctx.update("generator", loss)
+            # the backward inside the block too: a checkpointed fake network recomputes its layers there, and
+            # must do so as in the forward (weights without gradient)
+            out["generator"] = ctx.update("generator", loss)
         return out

@@ -42,16 +42,19 @@ def test_a_bfloat16_teacher_trains_nearly_the_fp32_student(tiny_teacher, idx_fol
         distill(_config(tiny_teacher, idx_folder, tmp_path / "bad", train={"frozen_dtype": "int8"}))
 
 
-def test_gradient_checkpointing_trains_the_same_student(tiny_teacher, idx_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,options", [("consistency", {"consistency": MCM}), ("sim", {})])
+def test_gradient_checkpointing_trains_the_same_student(tiny_teacher, idx_folder, tmp_path, monkeypatch, method,
+                                                        options):
     from diffusers import UNet2DModel
 
     calls = []
     real = UNet2DModel.enable_gradient_checkpointing
     monkeypatch.setattr(UNet2DModel, "enable_gradient_checkpointing", lambda self: (calls.append(1), real(self)))
-    (plain,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "plain", method="consistency", consistency=MCM,
+    (plain,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "plain", method=method, **options,
                                train={"steps": 3}))
     assert not calls
-    (ckpt,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "ckpt", method="consistency", consistency=MCM,
+    # sim: the generator's loss back-propagates through the checkpointed fake score (frozen weights)
+    (ckpt,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "ckpt", method=method, **options,
                               train={"steps": 3, "gradient_checkpointing": True}))
     assert calls  # the student was checkpointed
     sa, sb = _student(plain), _student(ckpt)
