@@ -14,6 +14,7 @@ mu=...)``, timesteps ``sigma * 1000``, velocity output, ``scale_noise`` for img2
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -92,6 +93,18 @@ class BeginIndexMixin:
         self._twin = None
 
 
+def tuned_table(tuned_timesteps: dict | None) -> dict[str, list[float]]:
+    """``tuned_timesteps`` (steps -> descending evaluation times, as ``fewstep tune`` writes them), checked,
+    with string keys (JSON's)."""
+    table = {}
+    for steps, times in (tuned_timesteps or {}).items():
+        times = [float(t) for t in times]
+        if int(steps) != len(times) or not all(a > b for a, b in zip(times, times[1:])):
+            raise ValueError(f"tuned_timesteps[{steps!r}] must be {steps} descending times, got {times}")
+        table[str(int(steps))] = times
+    return table
+
+
 class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any fewstep sampler on a DDPM (discrete VP) or flow-matching schedule.
 
@@ -124,6 +137,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             (diffusers' ``set_alpha_to_one=False``).
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             post-processing of the data prediction, with diffusers' meanings.
+        tuned_timesteps: grids fitted to a teacher by ``fewstep tune`` (steps -> descending timesteps; DDPM
+            schedules): ``set_timesteps(num_inference_steps=n)`` runs the grid of ``n`` steps when there is
+            one (else ``timestep_spacing``, with a warning), so ``FewstepScheduler.from_pretrained(tuned)``
+            in any pipeline samples on it.
 
     ``sampler="time_shift"`` runs Time-Shift (``samplers.timeshift.TimeShift``) around
     ``sampler_options["solver"]`` (default ``"ddim"``) with its ``window`` and ``cutoff`` in the
@@ -180,8 +197,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         sigma_data: float = 0.5,
         sigma_schedule: str = "karras",
         rho: float = 7.0,
+        tuned_timesteps: dict[str, list[float]] | None = None,
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
+        self._tuned = tuned_table(tuned_timesteps)
+        if self._tuned and noise_schedule != "ddpm":
+            raise ValueError("tuned_timesteps are DDPM timesteps; this scheduler's noise_schedule is "
+                             f"{noise_schedule!r}")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"unknown noise_schedule {noise_schedule!r}; expected one of {NOISE_SCHEDULES}")
         flow, edm = noise_schedule == "flow", noise_schedule == "edm"
@@ -405,6 +427,15 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     # -- the scheduler contract ----------------------------------------------------------------
 
+    @property
+    def tuned_steps(self) -> list[int]:
+        """The step counts that have a grid fitted by ``fewstep tune`` (config ``tuned_timesteps``)."""
+        return sorted(int(k) for k in self._tuned)
+
+    def tuned(self, steps: int) -> list[float] | None:
+        """The fitted evaluation times of ``steps`` steps, or None."""
+        return self._tuned.get(str(int(steps)))
+
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       sigmas: list[float] | None = None, mu: float | None = None,
                       timesteps: list[float] | None = None):
@@ -429,6 +460,11 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         else:
             if sigmas is not None or mu is not None:
                 raise ValueError("on a DDPM schedule FewstepScheduler takes custom `timesteps`, not `sigmas` / `mu`")
+            if timesteps is None and num_inference_steps is not None and self._tuned:
+                timesteps = self.tuned(num_inference_steps)  # a grid fitted by `fewstep tune`, when there is one
+                if timesteps is None:
+                    warnings.warn(f"no tuned grid for {num_inference_steps} steps (tuned: {self.tuned_steps}); "
+                                  f"using timestep_spacing={self.config.timestep_spacing!r}", stacklevel=2)
             if timesteps is not None:
                 spacing, n = ExplicitTimesteps(timesteps), len(timesteps)
             elif num_inference_steps is None:

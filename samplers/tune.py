@@ -24,20 +24,19 @@ endpoint error to the teacher's own ODE needs only the teacher, and is what a de
 sampler is judged by. Why not DP alone: on the exact testbed the DDIM-surrogate grid loses to trailing for
 DPM-Solver++(2M) and UniPC at most NFE 3-8 (``benchmarks/tune_testbed.py``); refinement wins everywhere.
 
-Validation uses other seeds (``endpoint_errors``). ``TunedScheduler`` is ``FewstepScheduler`` with one
-more config key, ``tuned_timesteps`` (steps -> timesteps), read by ``set_timesteps(num_inference_steps)``.
+Validation uses other seeds (``endpoint_errors``). The grids are saved in ``FewstepScheduler``'s config key
+``tuned_timesteps`` (steps -> timesteps), read by ``set_timesteps(num_inference_steps)``; ``TunedScheduler``
+is ``FewstepScheduler`` under the name ``fewstep tune`` saves.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
 from .denoisers import Denoiser
@@ -322,55 +321,15 @@ def fit_timesteps(denoiser: Denoiser, sampler: str, nfe: int, reference: Referen
 # The scheduler that carries them
 
 
-def _tuned_init(self, tuned_timesteps: dict | None = None, **kwargs):
-    table = {}
-    for steps, times in (tuned_timesteps or {}).items():
-        times = [float(t) for t in times]
-        if int(steps) != len(times) or not _valid(times):
-            raise ValueError(f"tuned_timesteps[{steps!r}] must be {steps} descending times, got {times}")
-        table[str(int(steps))] = times
-    FewstepScheduler.__init__(self, **kwargs)
-    self._tuned = table
-
-
-def _with_tuned_signature(func):
-    import inspect
-
-    base = inspect.signature(FewstepScheduler.__init__)
-    params = [p for p in base.parameters.values()]
-    extra = inspect.Parameter("tuned_timesteps", inspect.Parameter.KEYWORD_ONLY, default=None)
-    func.__signature__ = base.replace(parameters=params + [extra])
-    return func
-
-
 class TunedScheduler(FewstepScheduler):
-    """``FewstepScheduler`` with fitted grids: ``tuned_timesteps`` maps a number of steps to its
-    evaluation times (``fewstep tune`` writes them), and ``set_timesteps(num_inference_steps=n)`` uses
-    the grid of ``n`` steps when there is one (else the config's ``timestep_spacing``, with a warning).
+    """``FewstepScheduler`` by the name ``fewstep tune`` saves it under: the fitted grids live in the config's
+    ``tuned_timesteps`` (steps -> evaluation times), which ``FewstepScheduler`` itself reads, so either class
+    loads the folder and ``set_timesteps(num_inference_steps=n)`` uses the grid of ``n`` steps.
 
-        scheduler = TunedScheduler.from_pretrained("tuned/scheduler")
+        scheduler = FewstepScheduler.from_pretrained("tuned/scheduler")
         pipe = DDPMPipeline.from_pretrained(teacher, scheduler=scheduler)
         images = pipe(num_inference_steps=4).images      # the tuned 4-step grid
     """
-
-    __init__ = register_to_config(_with_tuned_signature(_tuned_init))
-
-    @property
-    def tuned_steps(self) -> list[int]:
-        return sorted(int(k) for k in self._tuned)
-
-    def tuned(self, steps: int) -> list[float] | None:
-        """The fitted evaluation times of ``steps`` steps, or None."""
-        return self._tuned.get(str(int(steps)))
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None,
-                      timesteps=None):
-        if timesteps is None and sigmas is None and num_inference_steps is not None:
-            timesteps = self.tuned(num_inference_steps)
-            if timesteps is None and self._tuned:
-                warnings.warn(f"no tuned grid for {num_inference_steps} steps (tuned: {self.tuned_steps}); "
-                              f"using timestep_spacing={self.config.timestep_spacing!r}", stacklevel=2)
-        return super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
 
 
 def tuned_scheduler(scheduler_config, grids: dict[int, Sequence[float]], sampler: str = "dpmpp_2m",

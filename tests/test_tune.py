@@ -134,14 +134,18 @@ def test_published_align_your_steps_lists_load_in_the_same_format():
         published_scheduler("ays-sd3")
 
 
-def test_fewstep_scheduler_alone_does_not_read_the_tuned_key(tmp_path):
-    """The hook FewstepScheduler lacks (reported): it drops ``tuned_timesteps`` and runs its spacing."""
+def test_fewstep_scheduler_alone_reads_the_tuned_grids(tmp_path):
+    """A tuned folder loads as a plain ``FewstepScheduler`` too (the class any pipeline user reaches for) and
+    runs the fitted grid, not its spacing."""
     from diffusers import DDPMScheduler
 
     tuned_scheduler(DDPMScheduler().config, TUNED).save_pretrained(tmp_path)
     plain = FewstepScheduler.from_pretrained(tmp_path)
     plain.set_timesteps(4)
-    assert plain.timesteps.tolist() == [999, 749, 499, 249]
+    assert plain.timesteps.tolist() == [999, 741, 603, 262]
+    assert plain.tuned_steps == [2, 4]
+    with pytest.raises(ValueError, match="tuned_timesteps are DDPM timesteps"):
+        FewstepScheduler(noise_schedule="flow", tuned_timesteps={"2": [999.0, 480.0]})
 
 
 def _fewstep(capsys, *args):
