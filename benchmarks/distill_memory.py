@@ -608,7 +608,7 @@ def _what_is_held() -> list[str]:
             "trainable (AdamW: 8 B each; grads 4 B of one network) |",
             "|---|---|---|---|---|---|---|",
             "| progressive | P fd | 4 (P + L) | - | 4 (P + L) | (P + L) fd | P or L |",
-            "| consistency | P fd (a deep copy) | 4 (P + L) | - | 4 (P + L) | - | P or L |",
+            "| consistency | P fd | 4 (P + L) | - | 4 (P + L) | - | P or L |",
             "| fdistill | P fd | 4 (P + L) | 4 (P + L) | 4 (P + L) | - | 2 x (P or L) |",
             "| sim | P fd | 4 (P + L) | 4 (P + L) | 4 (P + L) | - | 2 x (P or L) |", "",
             "(L = 0 for full students.) Facts from the code behind it: `TrainState` casts only frozen networks to "
@@ -616,7 +616,7 @@ def _what_is_held() -> list[str]:
             "(`_frozen_copy`) deep-copies the whole network, a LoRA student's base included; critics (fake score, "
             "discriminator) get no EMA (`run._matching`); `lora.fake` defaults to true when `rank > 0`; "
             "progressive's `previous` is created in `__init__` and held from round 0, where it is unused; "
-            "consistency deep-copies the teacher, leaving the pipeline's float32 UNet on the host; gradients are "
+            "consistency held a deep copy of the teacher when these runs were measured, leaving the pipeline's float32 UNet on the host (no longer: it holds the pipeline's UNet, as the other methods do); gradients are "
             "freed (`zero_grad(set_to_none=True)`) after each network's update, so one network's are alive at "
             "a time. Activations held at once: progressive, consistency and fdistill back-propagate through one "
             "network per update (the critic's update finishes before the generator's forward); sim's generator "
@@ -641,7 +641,7 @@ def _could_be_cut(reference: dict) -> list[str]:
             f"- Progressive distillation creates `previous` (the next rounds' teacher, {P * 2 / 1e9:.1f}-"
             f"{P * 4 / 1e9:.1f} GB on SD 1.5) in `__init__`; round 0 never calls it, and from round 1 on the "
             "original teacher is never called: one frozen network would do at any time.",
-            f"- Consistency deep-copies the teacher, so the pipeline's own float32 UNet stays on the host "
+            f"- (Fixed since: consistency now holds the pipeline's UNet itself.) Consistency deep-copied the teacher, so the pipeline's own float32 UNet stayed on the host "
             f"({4 * P / 1e9:.1f} GB of host RAM on SD 1.5, {4 * reference['SDXL']['params'] / 1e9:.1f} GB on "
             "SDXL); the other methods use the pipeline's UNet itself." if "SDXL" in reference else "",
             "- Every checkpoint stores the frozen networks too (`TrainState.state_dict` saves every module: "

@@ -12,7 +12,6 @@ estimate (Algorithm 1). ``S = 1`` is a consistency model; one fine step per segm
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -125,7 +124,8 @@ class MultistepConsistency(Method):
         self.cond = conditioning or Conditioning()
         if variant == "training" and self.cond.guidance.active:
             raise ValueError("consistency training (variant training) has no teacher to guide; use guidance.mode none")
-        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if variant == "distillation" else None
+        # the teacher itself, not a copy (as PD and the matching methods hold it): one UNet less in memory
+        self.teacher = teacher.eval().requires_grad_(False) if variant == "distillation" else None
         self.student = self.cond.student_network(teacher if student is None else student)
         self.optim = optim or OptimizerConfig(lr=1e-4)
         self._grids: dict[int, Grid] = {}
