@@ -28,7 +28,7 @@ from torch import Tensor
 from .denoisers import Prediction, broadcast_like, canonical_prediction_type, convert_prediction, dynamic_threshold
 from .flow import FLOW_SPACINGS, flow_sigmas
 from .registry import SAMPLERS, make_solver, resolve_name
-from .schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule
+from .schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule, betas_from_diffusers_config
 from .solvers import PNDM, Heun, Solver
 from .timeshift import TimeShift
 from .timesteps import DiffusersSpacing, ExplicitTimesteps, Grid, Timesteps, check_steps, make_timesteps
@@ -255,6 +255,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
                 raise ValueError(f"use_karras_sigmas needs karras_style in {KARRAS_STYLES} and a diffusers "
                                  f"timestep_spacing {DiffusersSpacing.SPACINGS}; got {karras_style!r}, {timestep_spacing!r}")
             self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
+            self.betas = betas_from_diffusers_config(self.config)  # diffusers' attribute (its schedulers' tests read it)
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected 'zero' or 'sigma_min'")
         self.order = 2 if isinstance(self.solver, Heun) else 1

@@ -502,3 +502,17 @@ def test_variance_noise_replaces_the_generators_draw(sampler):
     z = torch.randn(x.shape, generator=gen(8))
     given = scheduler.step(dummy_model(x, t), t, x, variance_noise=z).prev_sample
     assert torch.equal(given, from_generator)
+
+
+def test_trained_betas_survive_a_save_and_load_and_are_the_schedule(tmp_path):
+    """diffusers' ``test_trained_betas``: ``betas`` is an attribute, kept through save / load, and the noise
+    schedule is built from it."""
+    import numpy as np
+
+    from fewstep.samplers.schedulers import FewstepScheduler
+
+    sched = FewstepScheduler(num_train_timesteps=2, trained_betas=np.array([0.1, 0.3]))
+    sched.save_pretrained(tmp_path)
+    loaded = FewstepScheduler.from_pretrained(tmp_path)
+    assert sched.betas.tolist() == loaded.betas.tolist() == torch.tensor([0.1, 0.3]).tolist()
+    torch.testing.assert_close(loaded.alphas_cumprod, torch.cumprod(1 - loaded.betas, 0))
