@@ -97,17 +97,23 @@ def one_thread():
 @pytest.fixture
 def idx_folder(tmp_path):
     """A fake Fashion-MNIST folder: 64 train / 16 test random 8x8 'images' in gzipped IDX files."""
+    return write_fake_fashion_mnist(tmp_path)
+
+
+def write_fake_fashion_mnist(root, labels=None):
+    """64 train / 16 test random 8x8 'images' (seed 0) in gzipped IDX files under ``root``; labels 0, 1, ...
+    (or ``labels(n)``, bytes)."""
     import gzip
     import struct
 
     g = torch.Generator().manual_seed(0)
     for split, n in [("train", 64), ("t10k", 16)]:
         images = torch.randint(0, 256, (n, 8, 8), generator=g, dtype=torch.uint8)
-        with gzip.open(tmp_path / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
             f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 8, 8) + images.numpy().tobytes())
-        with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + bytes(range(n)))
-    return tmp_path
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + (labels(n) if labels else bytes(range(n))))
+    return root
 
 
 

@@ -59,19 +59,10 @@ def teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """A fake Fashion-MNIST folder (conftest's ``idx_folder``, once per module)."""
-    import gzip
-    import struct
+    """A fake Fashion-MNIST folder (conftest's ``idx_folder``, once per module; every label 0)."""
+    from conftest import write_fake_fashion_mnist
 
-    root = tmp_path_factory.mktemp("fmnist")
-    g = torch.Generator().manual_seed(0)
-    for split, n in [("train", 64), ("t10k", 16)]:
-        images = torch.randint(0, 256, (n, 8, 8), generator=g, dtype=torch.uint8)
-        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 8, 8) + images.numpy().tobytes())
-        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + bytes(n))
-    return root
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), labels=bytes)
 
 
 def _train(out: Path, **changes) -> dict:
