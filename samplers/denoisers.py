@@ -218,12 +218,22 @@ class ModelDenoiser(Denoiser):
     @classmethod
     def from_diffusers(cls, unet: nn.Module, scheduler_config, encoder_hidden_states: Tensor | None = None,
                        **kwargs) -> "ModelDenoiser":
-        """A diffusers UNet (or transformer) with the noise schedule and prediction type of a DDPM-family
-        ``scheduler.config``, e.g. ``ModelDenoiser.from_diffusers(pipe.unet, pipe.scheduler.config)``."""
-        from .schedules import DiscreteVPSchedule
+        """A diffusers UNet (or transformer) with the noise schedule and prediction type of its scheduler
+        (``pipe.scheduler`` or its ``config``), e.g. ``ModelDenoiser.from_diffusers(pipe.unet, pipe.scheduler)``:
+        a DDPM-family schedule, or a rectified flow (``FlowMatch*`` schedulers: ``FlowMatchingSchedule(0, 1)``,
+        the velocity, the network called at ``N t`` as diffusers calls it; sample it on ``FlowUniform(shift)``).
+        A bare config without ``_class_name`` is read as DDPM-family."""
+        from .schedules import DiscreteVPSchedule, FlowMatchingSchedule
 
-        schedule = DiscreteVPSchedule.from_diffusers_config(scheduler_config)
-        prediction_type = dict(scheduler_config).get("prediction_type", "epsilon")
+        name = type(scheduler_config).__name__ if hasattr(scheduler_config, "config") else None
+        config = dict(scheduler_config.config if name else scheduler_config)
+        name = config.get("_class_name", name)
+        if name is not None and name.startswith("FlowMatch"):
+            n_train = float(config.get("num_train_timesteps", 1000))
+            return cls(diffusers_unet_fn(unet, encoder_hidden_states), FlowMatchingSchedule(0.0, 1.0), "flow",
+                       model_time=lambda t: t * n_train, **kwargs)
+        schedule = DiscreteVPSchedule.from_diffusers_config(config)
+        prediction_type = config.get("prediction_type", "epsilon")
         return cls(diffusers_unet_fn(unet, encoder_hidden_states), schedule, prediction_type, **kwargs)
 
     def call_model(self, x: Tensor, t: Tensor, **cond) -> Tensor:

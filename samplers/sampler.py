@@ -15,9 +15,9 @@ from torch import Tensor
 
 from .denoisers import Denoiser, Prediction
 from .registry import make_solver
-from .schedules import DiscreteVPSchedule, Schedule
+from .schedules import DiscreteVPSchedule, FlowMatchingSchedule, Schedule
 from .solvers import NoiseFn, Solver
-from .timesteps import DiffusersSpacing, Grid, LogSNRUniform, Timesteps, check_steps, make_timesteps
+from .timesteps import DiffusersSpacing, FlowUniform, Grid, LogSNRUniform, Timesteps, check_steps, make_timesteps
 
 __all__ = ["Sampler", "NFEUnreachable", "NonFiniteModelOutput", "default_timesteps", "run_solver", "randn_noise", "sigma_bar_at"]
 
@@ -31,8 +31,14 @@ class NonFiniteModelOutput(RuntimeWarning):
 
 
 def default_timesteps(schedule: Schedule) -> Timesteps:
-    """Integer ``"trailing"`` timesteps on discrete schedules (they reach t = T - 1), else log-SNR uniform."""
-    return DiffusersSpacing("trailing") if isinstance(schedule, DiscreteVPSchedule) else LogSNRUniform()
+    """Integer ``"trailing"`` timesteps on discrete schedules (they reach t = T - 1); on a flow schedule that
+    reaches pure noise (``t = 1``, where log-SNR is -inf) FlowMatchEuler's uniform grid (``FlowUniform``);
+    else log-SNR uniform."""
+    if isinstance(schedule, DiscreteVPSchedule):
+        return DiffusersSpacing("trailing")
+    if isinstance(schedule, FlowMatchingSchedule) and schedule.t_max == 1:
+        return FlowUniform()
+    return LogSNRUniform()
 
 
 def randn_noise(generator: torch.Generator | None = None) -> NoiseFn:

@@ -137,10 +137,12 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             (diffusers' ``set_alpha_to_one=False``).
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             post-processing of the data prediction, with diffusers' meanings.
-        tuned_timesteps: grids fitted to a teacher by ``fewstep tune`` (steps -> descending timesteps; DDPM
-            schedules): ``set_timesteps(num_inference_steps=n)`` runs the grid of ``n`` steps when there is
-            one (else ``timestep_spacing``, with a warning), so ``FewstepScheduler.from_pretrained(tuned)``
-            in any pipeline samples on it.
+        tuned_timesteps: explicit grids, fitted to a teacher by ``fewstep tune`` or a distilled student's own
+            (steps -> descending schedule times: DDPM timesteps, flow and EDM sigmas):
+            ``set_timesteps(num_inference_steps=n)`` runs the grid of ``n`` steps when there is one (else the
+            scheduler's rule, with a warning), so ``FewstepScheduler.from_pretrained(tuned)`` in any pipeline
+            samples on it. On flow schedules the grid replaces the pipeline's default ``sigmas`` (Flux passes
+            ``linspace(1, 1 / n, n)``) and its ``mu``: the grid is already shifted.
 
     ``sampler="time_shift"`` runs Time-Shift (``samplers.timeshift.TimeShift``) around
     ``sampler_options["solver"]`` (default ``"ddim"``) with its ``window`` and ``cutoff`` in the
@@ -201,9 +203,6 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     ):
         # Validate everything up front: a bad key fails here, not mid-pipeline.
         self._tuned = tuned_table(tuned_timesteps)
-        if self._tuned and noise_schedule != "ddpm":
-            raise ValueError("tuned_timesteps are DDPM timesteps; this scheduler's noise_schedule is "
-                             f"{noise_schedule!r}")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"unknown noise_schedule {noise_schedule!r}; expected one of {NOISE_SCHEDULES}")
         flow, edm = noise_schedule == "flow", noise_schedule == "edm"
@@ -391,6 +390,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             for solver in _restart_forms(self.solver):
                 if solver.plan(tail) == self._plan[j:]:
                     return j, tail, solver
+        last = self._plan[-1]
+        if last in grid_times and self.grid.alpha[grid_times.index(last)] < PURE_NOISE_ALPHA:
+            # every remaining call is bridged (a one-step grid from pure noise): no solver run is left
+            return len(self._plan), _tail(self.grid, len(grid_times)), self.solver
         raise ValueError(f"{self.sampler_name} cannot start at model call {begin}: no fresh run on the rest of "
                          f"the grid makes the remaining model calls {self._plan[begin:]}")
 
@@ -452,7 +455,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         its first step by DDIM (every solver's first-order step, exact at sigma = 1), and the solver runs on
         the rest of the grid.
         """
-        if self.is_flow:
+        explicit = self._explicit_grid(num_inference_steps, sigmas, timesteps)
+        if explicit is not None:
+            grid, call_time = explicit
+        elif self.is_flow:
             grid, call_time = self._flow_grid(num_inference_steps, sigmas, mu, timesteps)
         elif self.is_edm:
             if sigmas is not None or mu is not None or timesteps is not None or num_inference_steps is None:
@@ -494,6 +500,22 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
                           if self.is_flow or self.is_edm else _as_timestep_tensor(self._call_timesteps, device))
         self._begin_index = None
         self._twin = None
+
+    def _explicit_grid(self, n, sigmas, timesteps):
+        """The tuned grid of ``n`` steps on a flow or EDM schedule (``tuned_timesteps``) and its model timestep,
+        when there is one and the pipeline asks for no grid of its own (on flow: no ``timesteps``, and
+        ``sigmas`` absent or Flux's default ``linspace(1, 1 / n, n)``); ``None`` otherwise."""
+        if not (self.is_flow or self.is_edm) or n is None or timesteps is not None or self.tuned(n) is None:
+            return None
+        if sigmas is not None and not np.allclose(np.asarray(sigmas, dtype=np.float64), np.linspace(1.0, 1 / n, n)):
+            return None
+        times = torch.tensor(self.tuned(n), dtype=torch.float64)
+        grid = Grid.from_times(self.noise_schedule, times, final="zero")
+        self.sigmas = torch.cat([times.to(torch.float32), torch.zeros(1)])
+        if self.is_flow:
+            N = self.config.num_train_timesteps
+            return grid, lambda t: t * N
+        return grid, lambda t: 0.25 * float(np.log(t))
 
     def _edm_grid(self, n: int):
         """EDM's Karras (``rho``) or exponential sigmas between ``sigma_max`` and ``sigma_min`` (float32, as
@@ -628,7 +650,10 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
 
     def _bridge(self, x: Tensor, pred: Prediction, k: int) -> Tensor:
         """A start inside a multi-call step (or from pure noise): DDIM (eta = 0) from call ``k``'s time to
-        the next call's, or the sample itself when the next call is at the same time."""
+        the next call's (the grid's end when there is none: a one-step grid from pure noise), or the sample
+        itself when the next call is at the same time."""
+        if k + 1 == len(self._plan):
+            return pred.combine(float(self.grid.alpha[-1]), float(self.grid.sigma[-1]))
         if self._plan[k + 1] == self._plan[k]:
             return x
         alpha_next, sigma_next = self._coefs[k + 1][:2]

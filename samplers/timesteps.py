@@ -25,6 +25,7 @@ __all__ = [
     "Karras",
     "DiffusersSpacing",
     "ExplicitTimesteps",
+    "FlowUniform",
     "make_timesteps",
     "check_steps",
 ]
@@ -243,6 +244,20 @@ class ExplicitTimesteps(Timesteps):
         if check_steps(n_steps) != len(self.values):
             raise ValueError(f"{len(self.values)} explicit timesteps given but {n_steps} steps asked for")
         return self.values.clone()
+
+
+class FlowUniform(Timesteps):
+    """A rectified flow's grid as ``FlowMatchEulerDiscreteScheduler`` spaces it: ``n`` steps uniform in the
+    unshifted time, ``t_i = shift(1 - i / n)`` (Esser et al. 2024, eq. 23), then clean data; needs a schedule
+    that reaches ``t = 1`` (``FlowMatchingSchedule(0, 1)``)."""
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = float(shift)
+        self.t_start = self.t_end = None
+
+    def times(self, schedule, n_steps, final="zero"):
+        u = 1 - torch.arange(check_steps(n_steps), dtype=_F64) / n_steps
+        return schedule.check_times(self.shift * u / (1 + (self.shift - 1) * u))
 
 
 _BY_NAME = {
