@@ -10,6 +10,10 @@ network with EMA on ``eps_loss``, run by ``fewstep.distill.core.fit`` (checkpoin
 as a diffusers ``DDPMPipeline`` (safetensors) in ``train.output_dir/pipeline``, so
 ``DDPMPipeline.from_pretrained(path)`` loads it offline and any fewstep sampler swaps in.
 
+``objective: flow`` trains a rectified flow instead (``flow_loss``: velocity ``eps - x0`` on
+``x_t = (1 - t) x0 + t eps``, the network called at ``N t``); its export is a ``DDPMPipeline`` with a
+``FlowMatchEulerDiscreteScheduler`` (the ``flow`` section's ``N`` and shift), whose ``__call__`` runs it as is.
+
 A class-conditional teacher (``model.num_class_embeds`` = classes + 1, the last id the null class) trains on
 the data's labels for classifier-free guidance (Ho & Salimans 2022): ``eps_loss`` gives the UNet
 ``class_labels``, each replaced by the null id with probability ``label_dropout``. Its examples are the
@@ -21,6 +25,7 @@ export adds ``fewstep_teacher.json`` (``class_names``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import replace
@@ -36,7 +41,7 @@ from fewstep.io import atomic_dir, atomic_write_bytes
 
 from .core import LossMethod, OptimizerConfig, fit, from_train_config
 
-__all__ = ["eps_loss", "drop_labels", "LabelledImages", "class_info", "SIDECAR",
+__all__ = ["eps_loss", "flow_loss", "draw_flow_times", "drop_labels", "LabelledImages", "class_info", "SIDECAR",
            "DEFAULT_LABEL_DROPOUT", "TeacherMethod", "build_teacher", "train_teacher", "cli"]
 
 #: The export's conditioning facts that diffusers' config has no key for (read by ``distill.families``).
@@ -77,6 +82,35 @@ def eps_loss(alphas_cumprod: Tensor, prediction_type: str = "epsilon", null_labe
     return loss
 
 
+def draw_flow_times(rows: int, g: torch.Generator, sampling: str = "uniform", mean: float = 0.0,
+                    std: float = 1.0) -> Tensor:
+    """Training times ``t`` in ``(0, 1)`` of a rectified flow: uniform (Liu et al. 2023) or logit-normal,
+    ``t = sigmoid(mean + std n)`` (Esser et al. 2024, SD3, sec. 3.1), float64."""
+    if sampling == "uniform":
+        return torch.rand(rows, generator=g, dtype=torch.float64)
+    if sampling == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(rows, generator=g, dtype=torch.float64))
+    raise ValueError(f"unknown flow time sampling {sampling!r}; expected 'uniform' or 'logit_normal'")
+
+
+def flow_loss(num_train_timesteps: int = 1000, sampling: str = "uniform", mean: float = 0.0, std: float = 1.0,
+              null_label: int | None = None, label_dropout: float = 0.0):
+    """Rectified flow's (conditional flow matching's) loss: ``|u_theta(x_t, N t) - (eps - x0)|^2`` with
+    ``x_t = (1 - t) x0 + t eps`` (Liu et al. 2023; Lipman et al. 2023; SD3's velocity loss), the network called
+    at ``timestep = N t`` as diffusers' flow-matching schedulers call it. Labels as ``eps_loss``."""
+
+    def loss(model: nn.Module, batch: Tensor | dict, g: torch.Generator) -> Tensor:
+        x0, labels = (batch, None) if null_label is None else (batch["x"], batch["cond"]["class_labels"])
+        t = draw_flow_times(x0.shape[0], g, sampling, mean, std)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        tt = t.view(-1, 1, 1, 1).to(x0.device, x0.dtype)
+        cond = {} if labels is None else {"class_labels": drop_labels(labels, null_label, label_dropout, g)}
+        out = model((1 - tt) * x0 + tt * eps, (num_train_timesteps * t).to(x0.device, torch.float32), **cond).sample
+        return (out.float() - (eps - x0)).pow(2).mean()
+
+    return loss
+
+
 class LabelledImages(Dataset):
     """Images with their class ids, an example as the training core passes conditional data through (and
     fingerprints it, labels included): ``{"x": image, "cond": {"class_labels": id}}``."""
@@ -99,16 +133,21 @@ def class_info(pipeline: str | Path) -> dict:
 
 
 class TeacherMethod(LossMethod):
-    """A teacher: one trainable UNet (with EMA) on DDPM's ``eps_loss`` under ``scheduler``'s schedule."""
+    """A teacher: one trainable UNet (with EMA) on DDPM's ``eps_loss`` under ``scheduler``'s schedule, or,
+    with ``flow`` (a ``FlowTeacherConfig``), on rectified flow's ``flow_loss``."""
 
     name = "teacher"
 
     def __init__(self, unet: nn.Module, scheduler, optim: OptimizerConfig, settings: dict | None = None,
-                 null_label: int | None = None, label_dropout: float = 0.0):
+                 null_label: int | None = None, label_dropout: float = 0.0, flow=None):
         from fewstep.samplers.schedules import DiscreteVPSchedule
 
-        schedule = DiscreteVPSchedule.from_diffusers_config(scheduler.config)
-        loss = eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type, null_label, label_dropout)
+        if flow is not None:
+            loss = flow_loss(flow.num_train_timesteps, flow.time_sampling, flow.logit_mean, flow.logit_std,
+                             null_label, label_dropout)
+        else:
+            schedule = DiscreteVPSchedule.from_diffusers_config(scheduler.config)
+            loss = eps_loss(schedule.alphas_cumprod, scheduler.config.prediction_type, null_label, label_dropout)
         super().__init__(unet, loss, optim, settings)
 
 
@@ -117,8 +156,9 @@ def _typed(config: TeacherConfig | dict) -> TeacherConfig:
 
 
 def build_teacher(config: TeacherConfig | dict):
-    """``(unet, scheduler)`` from a config's ``model`` and ``scheduler`` sections."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """``(unet, scheduler)`` from a config's ``model`` and ``scheduler`` sections (``objective: flow``: a
+    ``FlowMatchEulerDiscreteScheduler`` from the ``flow`` section)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     config = _typed(config)
     try:
@@ -128,6 +168,9 @@ def build_teacher(config: TeacherConfig | dict):
                "defaults: 32 groups, channels 224 448 672 896)" if "num_groups" in str(err) else
                "fix the model section (`fewstep train-teacher --help` lists its keys)")
         raise ValueError(f"model: {' '.join(str(err).split()).rstrip('.')}; {fix}") from err
+    if config.objective == "flow":
+        return unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.flow.num_train_timesteps,
+                                                     shift=config.flow.shift)
     return unet, DDPMScheduler(**given(config.scheduler))
 
 
@@ -177,13 +220,16 @@ def train_teacher(config: TeacherConfig | dict, max_steps: int | None = None, ou
     unet, scheduler = build_teacher(config)
     # The recipe holds the keys that are set (not diffusers' defaults), as before the config system.
     settings = {k: given(getattr(config, k)) for k in ("model", "scheduler", "data")}
+    flow = config.flow if config.objective == "flow" else None
+    if flow is not None:  # only then in the recipe: DDPM checkpoints keep resuming
+        settings.update(objective="flow", flow=dataclasses.asdict(flow))
     conditional = config.model.num_class_embeds is not None
     null, dropout = None, 0.0
     if conditional:  # only then in the recipe: unconditional checkpoints keep resuming
         null = config.model.num_class_embeds - 1
         dropout = DEFAULT_LABEL_DROPOUT if config.label_dropout is None else config.label_dropout
         settings["label_dropout"] = dropout
-    method = TeacherMethod(unet, scheduler, optim, settings, null, dropout)
+    method = TeacherMethod(unet, scheduler, optim, settings, null, dropout, flow)
     start = time.perf_counter()
     data = {}
 

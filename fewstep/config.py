@@ -393,6 +393,27 @@ class DDPMSchedulerConfig:
     rescale_betas_zero_snr: bool | None = option(None, "diffusers: false")
 
 
+@dataclass
+class FlowTeacherConfig:
+    """A rectified-flow teacher (``objective: flow``): ``FlowMatchEulerDiscreteScheduler`` keys and how
+    training times are drawn."""
+
+    label: ClassVar[str] = "flow"
+
+    num_train_timesteps: int = option(1000, "N: the network is called at timestep = N t (SD3 / Flux: 1000)")
+    shift: float = option(1.0, "the scheduler's static shift (SD3: 3.0; 1: none), used by its sampling grids")
+    time_sampling: str = option("uniform", "how training times t are drawn: uniform (rectified flow) or "
+                                           "logit_normal (SD3: sigmoid of a normal)")
+    logit_mean: float = option(0.0, "logit_normal: the normal's mean (SD3: 0)")
+    logit_std: float = option(1.0, "logit_normal: the normal's standard deviation (SD3: 1)")
+
+    def __post_init__(self):
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"flow.time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
+        if not self.shift > 0 or not self.logit_std > 0 or self.num_train_timesteps < 1:
+            raise ValueError("flow.shift and flow.logit_std must be > 0 and flow.num_train_timesteps >= 1")
+
+
 #: ``fewstep.data``'s named sources (besides ``folder:PATH``), splits and condition kinds.
 DATA_SOURCES = ("fashion_mnist", "mnist", "cifar10", "digits")
 DATA_SPLITS = ("train", "test")
@@ -447,11 +468,14 @@ class MRConfig:
 
 @dataclass
 class TeacherConfig:
-    """``fewstep train-teacher``: a UNet2DModel teacher on a DDPM schedule."""
+    """``fewstep train-teacher``: a UNet2DModel teacher on a DDPM schedule or a rectified flow."""
 
     train: TrainConfig = section(TrainConfig)
+    objective: str = option("ddpm", "ddpm (DDPMScheduler: the scheduler section, eps or v loss) or flow "
+                                    "(rectified flow: the flow section, velocity loss, FlowMatchEulerDiscreteScheduler)")
     model: UNetConfig = section(UNetConfig)
     scheduler: DDPMSchedulerConfig = section(DDPMSchedulerConfig)
+    flow: FlowTeacherConfig = section(FlowTeacherConfig)
     data: DataConfig = section(DataConfig)
     label_dropout: float | None = option(None, "class-conditional teachers (model.num_class_embeds set): probability "
                                                "a label is replaced by the null class, for classifier-free guidance "
@@ -460,6 +484,10 @@ class TeacherConfig:
 
     def __post_init__(self):
         conditional = self.model.num_class_embeds is not None
+        if self.objective not in ("ddpm", "flow"):
+            raise ValueError(f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
+        if self.objective == "flow" and given(self.scheduler):
+            raise ValueError(f"objective flow takes the flow section, not scheduler ({', '.join(given(self.scheduler))})")
         if self.label_dropout is not None and not conditional:
             raise ValueError("label_dropout is for class-conditional teachers: set model.num_class_embeds too")
         if self.model.class_embed_type is not None and not conditional:
@@ -549,7 +577,9 @@ class FDistillConfig:
 
     variant: str = option("f_distill", "f_distill (DMD-normalised; f=rkl is DMD2) or diff_instruct (rkl, unnormalised)")
     f: str = option("rkl", "f-divergence: rkl, kl (forward), js, sh (squared Hellinger), sf (softened rkl), jf (Jeffreys)")
-    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
+    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction, sample (x), "
+                                                  "flow_prediction (flow teachers) or teacher (the teacher's own; EDM "
+                                                  "teachers' students keep it)")
     update_ratio: int = option(5, "critic (fake score, discriminator) updates per generator update (reference "
                                   "fastgen: FastGen's student_update_freq, update_ratio - 1 critic updates)")
     reference: str = option("dmd2", "dmd2 (every step updates the critics, every update_ratio-th the generator too; "
@@ -565,6 +595,11 @@ class FDistillConfig:
     ratio_ema: float = option(0.0, "EMA rate of the per-bin ratio means (0: this batch's)")
     min_t: float = option(0.02, "lowest timestep of the matching term, a fraction of the training range")
     max_t: float = option(0.98, "highest timestep of the matching term")
+    time_sampling: str = option("uniform", "how the matching terms' times are drawn within [min_t, max_t]: uniform "
+                                           "(the teacher scheduler's map of a uniform fraction: DMD2's integer "
+                                           "timesteps, flow's shift), logit_normal (flow teachers: SD3's "
+                                           "sigmoid(N(0, 1)), truncated, then shifted) or log_normal (EDM teachers: "
+                                           "EDM's ln sigma ~ N(-1.2, 1.2^2), truncated)")
     critic_lr: float | None = option(None, "learning rate of the fake score and discriminator (null: train.lr)")
     generator_init: str | None = option(None, "start the generator from this student folder (null: the teacher)")
     anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
@@ -583,10 +618,17 @@ class SIMConfig:
     dmd_normaliser: bool | None = option(None, "weight each example by DMD's 1 / mean|x - x_hat_teacher| (null: "
                                                "each variant's reference: false for sim, SIM's own loss; true "
                                                "for sid, as SiD's code)")
-    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction or sample (x)")
+    prediction_type: str = option("v_prediction", "generator parameterisation: v_prediction, sample (x), "
+                                                  "flow_prediction (flow teachers) or teacher (the teacher's own; EDM "
+                                                  "teachers' students keep it)")
     update_ratio: int = option(1, "fake-score updates per generator update")
     min_t: float = option(0.02, "lowest timestep of the generator's term, a fraction of the training range")
     max_t: float = option(0.98, "highest timestep of the generator's term")
+    time_sampling: str = option("uniform", "how the matching terms' times are drawn within [min_t, max_t]: uniform "
+                                           "(the teacher scheduler's map of a uniform fraction: DMD2's integer "
+                                           "timesteps, flow's shift), logit_normal (flow teachers: SD3's "
+                                           "sigmoid(N(0, 1)), truncated, then shifted) or log_normal (EDM teachers: "
+                                           "EDM's ln sigma ~ N(-1.2, 1.2^2), truncated)")
     critic_lr: float | None = option(None, "learning rate of the fake score network (null: train.lr)")
     generator_init: str | None = option(None, "start the generator from this student folder (null: the teacher)")
     anneal: str = option("constant", "learning rate: constant or linear (to 0 at the end)")
