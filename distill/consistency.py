@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ..samplers import Denoiser
-from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
+from ..samplers.timesteps import Grid, Timesteps
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
+from .noise import Noise, noise_for
+from .progressive import _noise_recipe
 from .targets import addim_transfer, consistency_target, inverse_ddim, pseudo_huber, snr_plus_one_weight
 
 __all__ = ["annealed_teacher_steps", "segment_grid", "consistency_loss", "MultistepConsistency"]
@@ -94,7 +96,7 @@ class MultistepConsistency(Method):
     """MCM on the training core (Algorithm 1): an ``S``-step student initialised from the teacher's
     weights, parameterised by ``prediction_type``; teacher steps annealed log-linearly from
     ``teacher_steps`` to ``teacher_steps_end`` over ``anneal_updates`` (capped at the schedule's training
-    timesteps); ``variant="distillation"`` takes the teacher step with the teacher, ``"training"`` with the
+    timesteps), on ``noise``'s grids (``distill.noise``; default ``noise_for(schedule, timesteps)``); ``variant="distillation"`` takes the teacher step with the teacher, ``"training"`` with the
     data (consistency training: no teacher network at all)."""
 
     name = "consistency"
@@ -104,7 +106,7 @@ class MultistepConsistency(Method):
                  variant: str = "distillation", prediction_type: str = "v_prediction", huber_c: float = 1e-4,
                  xvar_frac: float = 0.75, optim: OptimizerConfig | None = None, student: nn.Module | None = None,
                  timesteps: Timesteps | None = None, student_init: str | None = None,
-                 conditioning: Conditioning | None = None):
+                 conditioning: Conditioning | None = None, noise: Noise | None = None):
         if not isinstance(student_steps, int) or student_steps < 1:
             raise ValueError(f"student_steps must be an integer >= 1, got {student_steps!r}")
         if variant not in ("distillation", "training"):
@@ -119,7 +121,7 @@ class MultistepConsistency(Method):
         self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
         self.huber_c, self.xvar_frac = huber_c, xvar_frac
         self.student_init = student_init  # where ``student`` came from, for the recipe
-        self.timesteps = timesteps if timesteps is not None else DiffusersSpacing("trailing")
+        self.noise = noise if noise is not None else noise_for(schedule, timesteps)
         self.max_steps = getattr(schedule, "num_train_timesteps", None)
         self.cond = conditioning or Conditioning()
         if variant == "training" and self.cond.guidance.active:
@@ -143,7 +145,7 @@ class MultistepConsistency(Method):
         if self.max_steps is not None:
             per_segment = max(1, min(per_segment, self.max_steps // self.student_steps))
         if per_segment not in self._grids:
-            self._grids[per_segment] = self.timesteps.grid(self.schedule, self.student_steps * per_segment, final="zero")
+            self._grids[per_segment] = self.noise.grid(self.student_steps * per_segment)
         return self._grids[per_segment]
 
     def student_grid(self) -> Grid:
@@ -174,4 +176,5 @@ class MultistepConsistency(Method):
                 "anneal_updates": self.anneal_updates, "variant": self.variant, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "huber_c": self.huber_c,
                 "xvar_frac": self.xvar_frac, "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule),
-                **({"student_init": self.student_init} if self.student_init else {}), **self.cond.recipe()}
+                **({"student_init": self.student_init} if self.student_init else {}), **_noise_recipe(self.noise),
+                **self.cond.recipe()}

@@ -20,8 +20,10 @@ each group) the generator too (DMD2's order: the critics lead, 5 : 1 by default;
 ``reference="fastgen"`` is NVIDIA FastGen's f-distill instead (``updates_at``): a step updates the
 generator *or* the critics, so ``update_ratio`` 5 (FastGen's ``student_update_freq``) is 4 critic
 updates per generator update; its ratio EMA starts at ones and its time bins cut the schedule's whole
-range. Timesteps are drawn uniformly from the integer timesteps in ``[min_t, max_t]`` of the schedule's
-training range (DMD2: 2%..98%); the fake network's DSM uses the whole range.
+range. Times are drawn for fractions ``[min_t, max_t]`` of the schedule's training range (DMD2: 2%..98%)
+by the teacher's ``Noise`` (``distill.noise``: integer DDPM timesteps, flow's shifted uniform time, EDM's
+Karras ramp); the fake network's DSM uses the whole range, in the teacher's parameterisation (a flow
+teacher's velocity loss included).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..samplers.timesteps import DiffusersSpacing, Grid
+from ..samplers.timesteps import Grid
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
 from .fdiv import (F_DIVERGENCES, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
                    normalise_by_bins, normalise_weight, sim_generator_loss, sim_loss, time_bins, vsd_loss)
-from .progressive import check_student_steps
+from .noise import Noise, noise_for
+from .progressive import _noise_recipe, check_student_steps
 
 __all__ = ["OBJECTIVES", "REFERENCES", "updates_at", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
 
@@ -94,16 +97,22 @@ class RatioStats(nn.Module):
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
 
-def dsm_loss(pred, x: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+def dsm_loss(pred, x: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str,
+             alpha_dot=None, sigma_dot=None) -> Tensor:
     """Denoising score matching in the network's own parameterisation (the teacher's training loss):
-    ``|eps_hat - eps|^2``, ``|v_hat - v|^2`` (``v = alpha eps - sigma x``) or ``|x_hat - x|^2``; mean
-    over all elements."""
+    ``|eps_hat - eps|^2``, ``|v_hat - v|^2`` (``v = alpha eps - sigma x``), ``|x_hat - x|^2``, or a flow
+    velocity's ``|u_hat - u|^2`` (``u = alpha' x + sigma' eps``: ``eps - x`` on a rectified flow, the loss
+    flow teachers are trained with); mean over all elements."""
     if prediction_type in ("eps", "epsilon"):
         diff = pred.eps - noise
     elif prediction_type in ("v", "v_prediction"):
         diff = (alpha * pred.eps - sigma * pred.x0) - (alpha * noise - sigma * x)
     elif prediction_type in ("x0", "sample"):
         diff = pred.x0 - x
+    elif prediction_type in ("flow", "flow_prediction", "velocity"):
+        if alpha_dot is None or sigma_dot is None:
+            raise ValueError("a flow-velocity denoising loss needs the schedule's alpha_dot and sigma_dot")
+        diff = alpha_dot * (pred.x0 - x) + sigma_dot * (pred.eps - noise)
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     return diff.float().square().mean()
@@ -127,17 +136,21 @@ class _frozen_params:
 
 
 class _Features:
-    """Captures the output of a teacher module (the UNet's mid block) on every teacher call."""
+    """Captures the raw output of a teacher block (the family's ``feature_block``) on every teacher call."""
 
     def __init__(self, module: nn.Module):
         self.value = None
         module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        self.value = output[0] if isinstance(output, tuple) else output
+        self.value = output
 
 
-def _mid_block(teacher: nn.Module) -> tuple[nn.Module, int]:
+def _feature_block(teacher: nn.Module, family) -> tuple[nn.Module, int]:
+    """The family's discriminator block (a UNet's mid block, a transformer's middle block); a bare network
+    (no family): its ``mid_block``."""
+    if family is not None:
+        return family.feature_block(teacher)
     block = getattr(teacher, "mid_block", None)
     if block is None:
         raise ValueError("the discriminator reads the teacher's mid-block features; this teacher has no "
@@ -172,7 +185,8 @@ class DistributionMatching(Method):
                  dmd_normaliser: bool | None = None, reference: str = "dmd2", optim: OptimizerConfig | None = None,
                  critic_optim: OptimizerConfig | None = None,
                  generator_init: nn.Module | None = None, name: str | None = None,
-                 conditioning: Conditioning | None = None):
+                 conditioning: Conditioning | None = None, noise: Noise | None = None,
+                 time_sampling: str = "uniform"):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
         if f not in F_DIVERGENCES:
@@ -231,12 +245,14 @@ class DistributionMatching(Method):
         self.fake = self.cond.student_network(teacher, fake=True)
         self.features = None
         if discriminator:
-            block, self._disc_channels = _mid_block(self.teacher)
+            block, self._disc_channels = _feature_block(self.teacher, self.cond.family)
             self.features = _Features(block)
         self.disc = None
         self.stats = RatioStats(max(ratio_bins, 1))
-        self.grid = DiffusersSpacing("trailing").grid(schedule, 1, final="zero")
-        self.n_train = int(getattr(schedule, "num_train_timesteps", 1000))
+        self.noise = noise if noise is not None else noise_for(schedule)
+        self.noise.check_sampling(time_sampling)
+        self.time_sampling = time_sampling
+        self.grid = self.noise.grid(1)
         self._step_bins: tuple[Tensor, Tensor] | None = None  # this optimizer step's bin totals so far
 
     # -- declarations ---------------------------------------------------------------------------
@@ -254,7 +270,9 @@ class DistributionMatching(Method):
         keys = ("objective", "f", "prediction_type", "teacher_prediction_type", "update_ratio", "reference",
                 "discriminator", "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema",
                 "min_t", "max_t", "distance", "huber_c", "sid_alpha", "dmd_normaliser")
-        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **self.cond.recipe()}
+        extra = {} if self.time_sampling == "uniform" else {"time_sampling": self.time_sampling}
+        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **_noise_recipe(self.noise),
+                **extra, **self.cond.recipe()}
 
     def student_info(self) -> dict:
         """What the exported student's ``fewstep_student.json`` records about its training."""
@@ -282,21 +300,26 @@ class DistributionMatching(Method):
         s = self.schedule.sigma(t.double()).to(like.device, like.dtype).reshape(shape)
         return a, s
 
-    def _range(self, lo: float, hi: float) -> tuple[int, int]:
-        """The first and last integer timestep of ``[lo T, hi T]``, clipped to the training range."""
-        return int(lo * self.n_train), min(int(hi * self.n_train), self.n_train - 1)
-
     def _times(self, ctx, rows: int, lo: float, hi: float) -> Tensor:
-        """Integer timesteps uniform in ``[lo T, hi T]`` (clipped to the training range)."""
-        first, last = self._range(lo, hi)
-        return (first + ctx.randint(last - first + 1, rows)).double()
+        """Training times for fractions ``[lo, hi]`` of the range (``Noise.draw``: DDPM integer timesteps
+        uniform in ``[lo T, hi T]``; flow the scheduler's shift of a uniform time; EDM Karras' ramp)."""
+        return self.noise.draw(ctx, rows, lo, hi, self.time_sampling)
 
-    def _bin_range(self) -> tuple[int, int]:
+    def _bin_range(self) -> tuple[float, float]:
         """What the ratio's time bins cut: the sampled range (dmd2) or the whole one (FastGen)."""
-        return (0, self.n_train - 1) if self.reference == "fastgen" else self._range(self.min_t, self.max_t)
+        return self.noise.time_range(0.0, 1.0) if self.reference == "fastgen" else self.noise.time_range(self.min_t,
+                                                                                                         self.max_t)
+
+    def _derivatives(self, t: Tensor, like: Tensor) -> dict:
+        """A flow-velocity fake score's ``alpha_dot`` / ``sigma_dot`` at ``t`` (its denoising loss needs them)."""
+        if self.teacher_prediction_type not in ("flow", "flow_prediction", "velocity"):
+            return {}
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return {k: getattr(self.schedule, k)(t.double()).to(like.device, like.dtype).reshape(shape)
+                for k in ("alpha_dot", "sigma_dot")}
 
     def _generate(self, ctx, module: nn.Module, rows: int, like_shape, cond) -> Tensor:
-        z = ctx.randn(rows, *like_shape)
+        z = self.noise.prior(ctx.randn(rows, *like_shape), self.grid)
         gen = self.cond.student(module, self.schedule, self.prediction_type, cond)
         return gen(z, self.grid.t[0].expand(rows)).x0
 
@@ -343,7 +366,8 @@ class DistributionMatching(Method):
         x_t = a * x + s * noise
         fake_cond = self.cond.drop(ctx, cond, rows)  # a guided fake score also learns the null condition
         pred = self.cond.student(ctx.net("fake"), self.schedule, self.teacher_prediction_type, fake_cond)(x_t, t)
-        out = {"fake": ctx.update("fake", dsm_loss(pred, x, noise, a, s, self.teacher_prediction_type))}
+        loss = dsm_loss(pred, x, noise, a, s, self.teacher_prediction_type, **self._derivatives(t, x))
+        out = {"fake": ctx.update("fake", loss)}
         if self.discriminator:
             out.update(self._disc_step(ctx, batch, cond, x, rows, shape))
         return out
@@ -351,7 +375,10 @@ class DistributionMatching(Method):
     def _feats(self, ctx, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The frozen teacher's mid-block features at ``(x_t, t)`` under the plain (unguided) condition."""
         self.cond.plain(ctx.net("teacher"), self.schedule, self.teacher_prediction_type, cond)(x_t, t)
-        return self.features.value
+        value = self.features.value
+        if self.cond.family is not None:
+            return self.cond.family.feature_map(value, x_t)
+        return value[0] if isinstance(value, tuple) else value
 
     def _disc_step(self, ctx, batch, cond, x, rows, shape) -> dict[str, Tensor]:
         t_fake = self._times(ctx, rows, self.min_t, self.max_t)

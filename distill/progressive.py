@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from ..samplers import Denoiser, ModelDenoiser
 from ..samplers.denoisers import Prediction, broadcast_like, canonical_prediction_type
-from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
+from ..samplers.timesteps import Grid, Timesteps
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
+from .noise import Noise, noise_for
 from .targets import ddim_transfer, progressive_target, snr_plus_one_weight, truncated_snr_weight
 
 __all__ = ["WEIGHTINGS", "PREDICTION_TYPES", "halve", "progressive_loss", "round_steps", "check_student_steps",
@@ -86,10 +87,13 @@ class BothDenoiser(Denoiser):
         return Prediction(x0=both_x0(x_out, eps_out, x, a, s), x=x, alpha=a, sigma=s)
 
 
-def _check_prediction_type(prediction_type: str, what: str) -> None:
-    known = prediction_type == "both" or canonical_prediction_type(prediction_type) != "flow"  # raises if unknown
-    if not known:
-        raise ValueError(f"{what} {prediction_type!r} is not a PD parameterisation; expected one of {PREDICTION_TYPES}")
+def _check_prediction_type(prediction_type: str, what: str, schedule=None) -> None:
+    """A known parameterisation; a flow velocity only on a schedule with derivatives (a flow teacher's)."""
+    if prediction_type == "both":
+        return
+    if canonical_prediction_type(prediction_type) == "flow" and not hasattr(schedule, "alpha_dot"):  # raises if unknown
+        raise ValueError(f"{what} {prediction_type!r} is a flow velocity, which needs a flow-matching schedule; expected "
+                         f"one of {PREDICTION_TYPES}")
 
 
 def halve(grid: Grid) -> Grid:
@@ -158,7 +162,7 @@ def progressive_loss(student: Denoiser, teacher: Denoiser, x: Tensor, grid: Grid
 
 class ProgressiveDistillation(Method):
     """PD on the training core: rounds ``start -> start/2 -> ... -> end`` student steps over nested
-    trailing grids of a discrete teacher; each round the student learns one DDIM step per two of its
+    grids of the teacher's schedule; each round the student learns one DDIM step per two of its
     teacher's, then becomes the teacher (``begin_round``), with a fresh optimizer and a learning rate
     annealed linearly to 0.
 
@@ -174,8 +178,9 @@ class ProgressiveDistillation(Method):
 
     ``on_student(steps, module, grid, state)`` is called with each finished student (to export it).
     ``teacher`` may be any network ``model(x, t)`` of ``teacher_prediction_type`` or a ``Denoiser`` (the
-    exact testbed teacher); ``student`` (default: a copy of the teacher) and ``timesteps`` (default:
-    trailing, for discrete schedules) make toy experiments possible.
+    exact testbed teacher); the grids are ``noise``'s (``distill.noise``: DDPM trailing, flow shifted-uniform,
+    EDM Karras; default ``noise_for(schedule, timesteps)``); ``student`` (default: a copy of the teacher) and
+    ``timesteps`` make toy experiments possible.
     """
 
     name = "progressive"
@@ -183,12 +188,12 @@ class ProgressiveDistillation(Method):
     def __init__(self, teacher: nn.Module, teacher_prediction_type: str, schedule, start_steps: int = 64,
                  end_steps: int = 1, prediction_type: str = "v_prediction", weighting: str = "truncated_snr",
                  optim: OptimizerConfig | None = None, on_student=None, student: nn.Module | None = None,
-                 timesteps: Timesteps | None = None, conditioning: Conditioning | None = None):
+                 timesteps: Timesteps | None = None, conditioning: Conditioning | None = None, noise: Noise | None = None):
         self.students_steps = round_steps(start_steps, end_steps)
-        _check_prediction_type(teacher_prediction_type, "teacher_prediction_type")
+        _check_prediction_type(teacher_prediction_type, "teacher_prediction_type", schedule)
         if prediction_type == "teacher":
             prediction_type = teacher_prediction_type
-        _check_prediction_type(prediction_type, "prediction_type")
+        _check_prediction_type(prediction_type, "prediction_type", schedule)
         check_student_steps(prediction_type, min(self.students_steps))
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {sorted(WEIGHTINGS)}")
@@ -198,8 +203,8 @@ class ProgressiveDistillation(Method):
         self.schedule, self.weighting = schedule, weighting
         self.teacher_prediction_type, self.prediction_type = teacher_prediction_type, prediction_type
         self.start_steps, self.end_steps = start_steps, end_steps
-        self.timesteps = timesteps if timesteps is not None else DiffusersSpacing("trailing")
-        self.base_grid = self.timesteps.grid(schedule, start_steps, final="zero")
+        self.noise = noise if noise is not None else noise_for(schedule, timesteps)
+        self.base_grid = self.noise.grid(start_steps)
         self.cond = conditioning or Conditioning()
         self.teacher = teacher.eval().requires_grad_(False)
         # The student starts as the teacher (or as the network given); from round 1 on, the teacher is the
@@ -289,12 +294,18 @@ class ProgressiveDistillation(Method):
         return {"start_steps": self.start_steps, "end_steps": self.end_steps, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "weighting": self.weighting,
                 "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start(),
-                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **self.cond.recipe()}
+                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **_noise_recipe(self.noise),
+                **self.cond.recipe()}
 
     def student_info(self) -> dict:
         """What an exported student's ``fewstep_student.json`` records about its training."""
         return {"weighting": self.weighting, "teacher_prediction_type": self.teacher_prediction_type,
                 "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start()}
+
+
+def _noise_recipe(noise: Noise) -> dict:
+    """The grid rule in a resumed run's recipe, except for DDPM's (whose recipes predate it, and resume)."""
+    return {} if noise.kind == "ddpm" else {"noise": noise.describe()}
 
 
 def _diffusers_type(prediction_type: str) -> str:

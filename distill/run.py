@@ -31,7 +31,7 @@ from .lora import resolve as resolve_lora
 from .matching import DistributionMatching
 from .prepare import prepare_data
 from .progressive import ProgressiveDistillation
-from .students import diffusers_reproducible, export_student
+from .students import export_student
 
 __all__ = ["METHODS", "distill", "core_settings", "plot_history", "cli"]
 
@@ -74,21 +74,44 @@ def _conditioning(config: DistillConfig, family: Family) -> Conditioning:
     return Conditioning(family, guidance, null, lora=lora)
 
 
+def student_prediction(requested: str, family: Family, key: str) -> str:
+    """The student's parameterisation for a config's ``prediction_type``: ``teacher`` is the teacher's own;
+    a flow teacher's students may predict any of ``epsilon``, ``sample``, ``v_prediction`` or the velocity
+    (``flow_prediction``); an EDM teacher's keep its preconditioned output (``sample``), the only one its
+    network's preconditioning (``c_skip``, ``c_out``) gives."""
+    from fewstep.samplers.denoisers import canonical_prediction_type
+
+    noise = family.noise
+    if requested == "teacher":
+        return family.prediction_type
+    if not noise.free_prediction and requested != noise.prediction_type:
+        raise TeacherError(f"{key}={requested}: the {family.name} teacher at {family.path} is EDM-preconditioned, so "
+                           f"its students predict what it predicts: set {key} teacher (or {noise.prediction_type})")
+    if canonical_prediction_type(requested) == "flow" and noise.kind != "flow":
+        raise TeacherError(f"{key}={requested} is a flow velocity; the {family.name} teacher at {family.path} is "
+                           f"a {noise.kind} teacher: use epsilon, sample, v_prediction or teacher")
+    return requested
+
+
 def _method(config: DistillConfig, family: Family, cond: Conditioning, optim: OptimizerConfig, on_student):
     unet, prediction_type, schedule = family.denoiser_network, family.prediction_type, family.schedule
+    noise = family.noise
     if config.method == "progressive":
         pd = config.progressive
+        student = pd.prediction_type if pd.prediction_type == "teacher" else student_prediction(
+            pd.prediction_type, family, "progressive.prediction_type")
         return ProgressiveDistillation(unet, prediction_type, schedule, pd.start_steps, pd.end_steps,
-                                       pd.prediction_type, pd.weighting, optim, on_student, conditioning=cond)
+                                       student, pd.weighting, optim, on_student, conditioning=cond, noise=noise)
     if config.method == "consistency":
         cm = config.consistency
+        student = student_prediction(cm.prediction_type, family, "consistency.prediction_type")
         init = None
         if cm.student_init is not None:
-            init = _student_init(cm.student_init, cm.prediction_type, "student_init", family, config.guidance)
+            init = _student_init(cm.student_init, student, "student_init", family, config.guidance)
         return MultistepConsistency(unet, prediction_type, schedule, cm.student_steps, cm.teacher_steps,
-                                    cm.teacher_steps_end, cm.anneal_updates, cm.variant, cm.prediction_type,
+                                    cm.teacher_steps_end, cm.anneal_updates, cm.variant, student,
                                     cm.huber_c, cm.xvar_frac, optim, student=init, student_init=cm.student_init,
-                                    conditioning=cond)
+                                    conditioning=cond, noise=noise)
     if config.method in ("fdistill", "sim"):
         return _matching(config, family, cond, optim)
     raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
@@ -100,13 +123,13 @@ def _matching(config: DistillConfig, family: Family, cond: Conditioning, optim: 
     unet, prediction_type, schedule = family.denoiser_network, family.prediction_type, family.schedule
     section = getattr(config, config.method)
     critic = dataclasses.replace(optim, lr=section.critic_lr or optim.lr, ema_decay=None)
+    student = student_prediction(section.prediction_type, family, f"{config.method}.prediction_type")
     init = None
     if section.generator_init is not None:
-        init = _student_init(section.generator_init, section.prediction_type, "generator_init", family,
-                             config.guidance)
-    common = dict(prediction_type=section.prediction_type, update_ratio=section.update_ratio, min_t=section.min_t,
+        init = _student_init(section.generator_init, student, "generator_init", family, config.guidance)
+    common = dict(prediction_type=student, update_ratio=section.update_ratio, min_t=section.min_t,
                   max_t=section.max_t, optim=optim, critic_optim=critic, generator_init=init, name=config.method,
-                  conditioning=cond)
+                  conditioning=cond, noise=family.noise, time_sampling=section.time_sampling)
     if config.method == "fdistill":
         if section.variant not in ("f_distill", "diff_instruct"):
             raise ValueError(f"fdistill.variant must be 'f_distill' or 'diff_instruct', got {section.variant!r}")
@@ -171,17 +194,16 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
     def on_student(steps: int, module, grid, state) -> None:
         prediction_type = method.prediction_type  # resolved ("teacher": the teacher's own)
         _check_finite(module, steps, state.step)
-        if not diffusers_reproducible(family.scheduler_config, grid, prediction_type):
-            print(f"not exporting the {steps}-step student: diffusers' DDIM cannot visit its grid "
-                  f"({family.scheduler_config.get('num_train_timesteps', 1000)}"
-                  f" training steps / {steps} is not an integer)")
+        why = family.noise.exportable(grid, prediction_type)
+        if why is not None:
+            print(f"not exporting the {steps}-step student: {why}")
             return
         info = {"method": config.method, "training": _cost(state),
                 **(method.student_info() if hasattr(method, "student_info") else {})}
         for key in ("generator_init", "student_init"):  # where the student started, when not the teacher
             if getattr(section, key, None):
                 info[key] = getattr(section, key)
-        exported.append(export_student(module, family.scheduler_config, grid, prediction_type,
+        exported.append(export_student(module, family.noise, grid, prediction_type,
                                        students_dir / f"{config.method}-{steps}", info, family=family,
                                        guidance=config.guidance, lora=cond.lora))
 
@@ -218,17 +240,17 @@ def _check_finite(module: torch.nn.Module, steps: int, step: int) -> None:
 
 
 def _check_exportable(method, family: Family, prediction_type: str) -> None:
-    """Refuse, before any training, a run whose last student diffusers could not run (its grid is not one
-    diffusers' DDIM visits), instead of training to the end and then exporting nothing."""
+    """Refuse, before any training, a run whose last student no scheduler could run (on a DDPM teacher: a grid
+    diffusers' DDIM does not visit), instead of training to the end and then exporting nothing."""
     final_grid = getattr(method, "final_grid", None)
     if final_grid is None:
         return
     grid = final_grid()
-    if not diffusers_reproducible(family.scheduler_config, grid, prediction_type):
+    why = family.noise.exportable(grid, prediction_type)
+    if why is not None:
         n_train = family.scheduler_config.get("num_train_timesteps", 1000)
-        raise ValueError(f"the {grid.n_steps}-step student could not be exported: diffusers' DDIM cannot visit "
-                         f"its grid ({n_train} training steps / {grid.n_steps} is not an integer); choose a "
-                         f"step count that divides {n_train}")
+        raise ValueError(f"the {grid.n_steps}-step student could not be exported: {why}; choose a step count "
+                         f"that divides {n_train}")
 
 
 def resume_settings(config: DistillConfig) -> dict:

@@ -1,8 +1,9 @@
 """Students are samplers: a distilled network plus the DDIM grid it was trained for.
 
 A student folder is its teacher's own pipeline class (``StableDiffusionPipeline``, ``DiTPipeline``,
-``DDPMPipeline``, ...: the student network, the teacher's other components, and a ``DDIMScheduler`` whose
-trailing timesteps are the student's grid, no clipping), so ``<Pipeline>.from_pretrained(path)`` loads it
+``DDPMPipeline``, ``StableDiffusion3Pipeline``, ...: the student network, the teacher's other components, and
+a scheduler that runs the student's grid: a ``DDIMScheduler`` with trailing timesteps and no clipping for a
+DDPM teacher, a ``FewstepScheduler`` holding the grid's sigmas for a flow-matching or EDM teacher), so ``<Pipeline>.from_pretrained(path)`` loads it
 offline and ``pipe(..., num_inference_steps=steps)`` reproduces its sampling, plus ``fewstep_student.json``
 (method, steps, grid, prediction type, training cost, the teacher's identity, the guidance it learned).
 A LoRA student (``fewstep.distill.lora``) is exported merged (``fused``: as above) or as the LoRA alone
@@ -23,19 +24,13 @@ from torch import nn
 
 from ..io import atomic_dir
 from ..samplers import Denoiser, ModelDenoiser, Sampler
-from ..samplers.schedules import DiscreteVPSchedule
 from ..samplers.timesteps import ExplicitTimesteps, Grid
 from .conditioning import Bound
 
-__all__ = ["STUDENT_FILE", "diffusers_reproducible", "export_student", "load_student", "read_student_record",
+__all__ = ["STUDENT_FILE", "export_student", "load_student", "read_student_record",
            "StudentSampler", "student_denoiser", "student_sampler", "lora_student_network"]
 
 STUDENT_FILE = "fewstep_student.json"
-
-#: The DDPM-family keys of a teacher's scheduler config that define its noise schedule.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                  "rescale_betas_zero_snr")
-
 
 def student_denoiser(model: nn.Module, schedule, prediction_type: str):
     """A network ``model(x, t)`` (a diffusers UNet, or any module) as a denoiser of ``schedule``; a
@@ -52,32 +47,6 @@ def student_sampler(denoiser, grid: Grid) -> Sampler:
     return Sampler(denoiser, "ddim", steps=grid.n_steps, timesteps=ExplicitTimesteps(grid.t[:-1].tolist()))
 
 
-def _ddim_config(teacher_scheduler_config: dict, prediction_type: str) -> dict:
-    config = {k: teacher_scheduler_config[k] for k in _SCHEDULE_KEYS if k in teacher_scheduler_config}
-    # steps_offset does not move trailing timesteps; 1 is what StableDiffusionPipeline insists on
-    return {**config, "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 1,
-            "set_alpha_to_one": True, "clip_sample": False, "thresholding": False}
-
-
-def diffusers_reproducible(teacher_scheduler_config: dict, grid: Grid, prediction_type: str = "v_prediction") -> bool:
-    """Whether a ``DDPMPipeline`` with diffusers' DDIM can run exactly this student grid."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(**_ddim_config(dict(teacher_scheduler_config), prediction_type))
-    return _diffusers_grid_matches(scheduler, [float(t) for t in grid.t[:-1].tolist()])
-
-
-def _diffusers_grid_matches(scheduler, times: list[float]) -> bool:
-    """Whether diffusers' DDIM visits exactly our grid (it steps ``t -> t - T // n``, which equals the next
-    trailing timestep only when ``T / n`` is an integer)."""
-    n = len(times)
-    scheduler.set_timesteps(n)
-    visited = scheduler.timesteps.tolist()
-    stride = scheduler.config.num_train_timesteps // n
-    nexts = [t - stride for t in visited]
-    return visited == [int(t) for t in times] and nexts[:-1] == visited[1:] and nexts[-1] < 0
-
-
 def read_student_record(path: str | os.PathLike, what: str = "student") -> dict:
     """A student folder's ``fewstep_student.json``, or a one-line error saying it is not a student."""
     from .families import TeacherError
@@ -89,24 +58,27 @@ def read_student_record(path: str | os.PathLike, what: str = "student") -> dict:
     return json.loads(record_path.read_text())
 
 
-def export_student(model: nn.Module, teacher_scheduler_config: dict, grid: Grid, prediction_type: str,
-                   path: str | os.PathLike, info: dict | None = None, family=None, guidance=None, lora=None) -> Path:
-    """Save a student as its teacher's pipeline class (``family``; a ``DDPMPipeline`` without one) with a
-    ``DDIMScheduler`` that runs its grid, plus ``fewstep_student.json`` (steps, grid, prediction type, the
-    teacher's identity, the guidance it learned), atomically (``atomic_dir``: a killed export never leaves a
-    half-written student). A LoRA student (``lora``: its ``LoRA``) is merged first (``lora.export`` fused) or
-    written as the LoRA alone for the teacher's pipeline (``lora``: ``Family.export_lora``)."""
-    from diffusers import DDIMScheduler, DDPMPipeline
+def export_student(model: nn.Module, noise, grid: Grid, prediction_type: str, path: str | os.PathLike,
+                   info: dict | None = None, family=None, guidance=None, lora=None) -> Path:
+    """Save a student as its teacher's pipeline class (``family``; a ``DDPMPipeline`` without one) with the
+    scheduler that runs its grid (``noise.student_scheduler``: diffusers' ``DDIMScheduler`` on DDPM
+    teachers, ``FewstepScheduler`` with the grid in its config on flow and EDM ones; ``noise``: the teacher's
+    ``distill.noise.Noise``, or a DDPM scheduler config), plus ``fewstep_student.json`` (steps, grid,
+    prediction type, the teacher's identity, the guidance it learned), atomically (``atomic_dir``: a killed
+    export never leaves a half-written student). A LoRA student (``lora``: its ``LoRA``) is merged first
+    (``lora.export`` fused) or written as the LoRA alone for the teacher's pipeline (``Family.export_lora``)."""
+    from diffusers import DDPMPipeline
 
     from .lora import has_lora, lora_parameters, lora_state_dict, merged, peft_config
+    from .noise import noise_from_config
 
     path = Path(path)
+    if isinstance(noise, dict):
+        noise = noise_from_config({"_class_name": "DDPMScheduler", **noise})
     times = [float(t) for t in grid.t[:-1].tolist()]
-    scheduler = DDIMScheduler(**_ddim_config(dict(teacher_scheduler_config), prediction_type))
-    if not _diffusers_grid_matches(scheduler, times):
-        raise ValueError(f"diffusers' DDIM cannot visit the student grid {times} (its stride is "
-                         f"T // {len(times)}); export only students whose steps divide the training timesteps")
-    record = {"steps": len(times), "timesteps": times, "prediction_type": prediction_type, **(info or {})}
+    scheduler = noise.student_scheduler(grid, prediction_type)  # raises, saying why, for a grid it cannot run
+    record = {"steps": len(times), "timesteps": times, "prediction_type": prediction_type,
+              "noise": noise.kind, **(info or {})}
     lora_file = None
     if lora is not None and has_lora(model):
         record["lora"] = {"rank": lora.rank, "alpha": lora.scale_alpha, "target_modules": list(lora.targets),
@@ -209,9 +181,11 @@ class StudentSampler(Sampler):
     @torch.no_grad()
     def sample(self, x_T, generator=None, noise=None, callback=None, progress=False, prompt=None,
                negative_prompt=None, class_labels=None, guidance_scale=None, output_type: str = "images"):
-        """Images in ``[-1, 1]`` (``output_type="latent"``: what the network denoises) from ``x_T``."""
+        """Images in ``[-1, 1]`` (``output_type="latent"``: what the network denoises) from standard-normal
+        ``x_T``, scaled as the pipeline scales its ``latents`` (EDM: by ``init_noise_sigma``)."""
         cond, denoiser = self.conditions(prompt, negative_prompt, class_labels, guidance_scale, rows=x_T.shape[0])
         self.denoiser = Bound(denoiser, cond) if cond else denoiser
+        x_T = self.family.noise.prior(x_T, self.grid)  # as its pipeline scales latents (EDM: init_noise_sigma)
         try:
             x = super().sample(x_T, generator=generator, noise=noise, callback=callback, progress=progress)
         finally:
@@ -241,8 +215,7 @@ def load_student(path: str | os.PathLike, device: str | torch.device = "cpu",
     for module in family.pipe.components.values():
         if isinstance(module, nn.Module):
             module.eval().requires_grad_(False)
-    schedule = DiscreteVPSchedule.from_diffusers_config(family.scheduler_config)
-    denoiser = ModelDenoiser(family.call(net), schedule, prediction_type=record["prediction_type"])
+    denoiser = ModelDenoiser(family.call(net), family.schedule, prediction_type=record["prediction_type"])
     return StudentSampler(family, record, denoiser)
 
 
@@ -251,6 +224,7 @@ def _lora_student_family(path: Path, record: dict, teacher=None):
     by diffusers' ``load_lora_weights`` and the student's scheduler, as the README tells a user to do."""
     from diffusers import DDIMScheduler
 
+    from ..samplers.schedulers import FewstepScheduler
     from .families import TeacherError, family_of, quiet_diffusers, teacher_identity
 
     recorded = record.get("teacher") or {}
@@ -264,7 +238,8 @@ def _lora_student_family(path: Path, record: dict, teacher=None):
     family = family_of(where).load(where)
     with quiet_diffusers():
         family.pipe.load_lora_weights(path)
-    family.pipe.scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    kind = record.get("noise", "ddpm")
+    family.pipe.scheduler = (DDIMScheduler if kind == "ddpm" else FewstepScheduler).from_pretrained(path / "scheduler")
     family.scheduler_config = dict(family.pipe.scheduler.config)
     return family
 

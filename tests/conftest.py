@@ -15,6 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+#: A tiny 8x8 one-channel UNet2DModel: the random teacher of the distillation tests.
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                 norm_num_groups=4)
+
 #: The consistent part, a multiple of ``x``: ``eps ~ x``; ``v ~ 0`` (then ``x0 = alpha x``, ``eps = sigma x``).
 _BASE = {"epsilon": 1.0, "v_prediction": 0.0}
 

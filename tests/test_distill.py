@@ -19,9 +19,8 @@ from fewstep.samplers import ContinuousVPSchedule, ModelDenoiser, Sampler
 from fewstep.samplers.timesteps import TimeUniform
 from fewstep.testbed import ExactDenoiser, GaussianMixture
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=4)
+from conftest import TINY_UNET
+
 
 
 @pytest.fixture
@@ -122,16 +121,16 @@ def test_bad_distillation_configs_fail_clearly(tiny_teacher, idx_folder, tmp_pat
         distill(_config(tiny_teacher, idx_folder, tmp_path / "bad", **change))
 
 
-def test_unknown_keys_and_a_flow_matching_teacher_are_refused(tiny_teacher, idx_folder, tmp_path):
+def test_unknown_keys_and_an_unsupported_schedule_are_refused(tiny_teacher, idx_folder, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         from_dict(DistillConfig, {"progressive": {"start_step": 8}})
-    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import CMStochasticIterativeScheduler, DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(tiny_teacher)
-    flow = tmp_path / "flow"
-    DDPMPipeline(unet=pipe.unet, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(flow)
-    with pytest.raises(ValueError, match="DDPM-family"):
-        distill(_config(flow, idx_folder, tmp_path / "bad"))
+    odd = tmp_path / "odd"
+    DDPMPipeline(unet=pipe.unet, scheduler=CMStochasticIterativeScheduler()).save_pretrained(odd)
+    with pytest.raises(ValueError, match="DDPM-family .* flow-matching and EDM schedulers"):
+        distill(_config(odd, idx_folder, tmp_path / "bad"))
 
 
 # ---------------------------------------------------------------------------------------------

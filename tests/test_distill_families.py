@@ -71,6 +71,18 @@ def caption_folder(root: Path, size: int, n: int = 8) -> Path:
     return root
 
 
+def tiny_edm_sd_pipeline(tmp_path: Path) -> Path:
+    """The tiny Stable Diffusion pipeline with diffusers' ``EDMEulerScheduler``: an EDM-preconditioned teacher
+    (``c_in``, ``0.25 log sigma``, ``c_skip`` / ``c_out``, as playground-v2.5-style pipelines run)."""
+    from diffusers import EDMEulerScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline(tmp_path))
+    pipe.scheduler = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    path = tmp_path / "sd-edm"
+    pipe.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """family -> (teacher folder, data section, the two conditions)."""
@@ -82,6 +94,7 @@ def teachers(tmp_path_factory):
     out["sd"] = (tiny_sd_pipeline(root), {"name": f"folder:{caption_folder(root / 'caps16', 16)}"}, PROMPTS)
     out["sd_v"] = (tiny_sd_pipeline(root, prediction_type="v_prediction"), None, PROMPTS)
     out["sdxl"] = (tiny_sdxl_pipeline(root), None, PROMPTS)
+    out["sd_edm"] = (tiny_edm_sd_pipeline(root), None, PROMPTS)
     out["ldm"] = (tiny_ldm_pipeline(root), None, None)
     for name, (path, data, raw) in list(out.items()):
         if data is None:  # data at the teacher's pixel size
@@ -134,14 +147,16 @@ def _pipeline_noise(family, rows: int) -> torch.Tensor:
 
 
 METHODS = ["progressive", "consistency", "fdistill", "sim"]
-FAMILIES = ["classcond", "dit", "sd", "sd_v", "sdxl", "ldm"]
+FAMILIES = ["classcond", "dit", "sd", "sd_v", "sdxl", "ldm", "sd_edm"]
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_and_method_exports_the_teachers_own_pipeline(teachers, tmp_path, name, method):
     teacher, data, raw = teachers[name]
-    paths = run(teacher, data, tmp_path / "run", method)
+    # an EDM teacher's students keep its preconditioned output
+    sections = {method: {"prediction_type": "teacher"}} if name == "sd_edm" else {}
+    paths = run(teacher, data, tmp_path / "run", method, **sections)
     assert paths, "no student exported"
     path = paths[-1]
     family = load_teacher(teacher)

@@ -392,3 +392,30 @@ def test_flow_scheduler_conventions(tmp_path):
 
     hb = HeavyBallScheduler.from_config(ours.config)
     assert hb.is_flow and hb.sampler_name == "hb" and FewstepScheduler.from_config(hb.config).is_flow
+
+
+def test_a_flow_unet_pipeline_samples_through_model_denoiser_as_diffusers_does(tmp_path):
+    # What `fewstep train-teacher` with objective: flow exports: a DDPMPipeline with FlowMatchEuler. fewstep's
+    # ModelDenoiser.from_diffusers reads it (velocity, called at N t), and Euler on the scheduler's sigmas is the
+    # pipeline's own loop. (Its default grid, FlowUniform, is 1 - i / n; FlowMatchEuler's ends at 1 / N.)
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from fewstep.samplers import ModelDenoiser, Sampler
+    from fewstep.samplers.timesteps import ExplicitTimesteps
+
+    from conftest import TINY_UNET
+
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path)
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    den = ModelDenoiser.from_diffusers(pipe.unet, pipe.scheduler)
+    assert isinstance(den.schedule, FlowMatchingSchedule) and den.prediction_type == "flow"
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    pipe.scheduler.set_timesteps(6)
+    sigmas = ExplicitTimesteps(pipe.scheduler.sigmas[:-1].double().tolist())
+    ours = Sampler(den, "euler", steps=6, timesteps=sigmas).sample(x_T)
+    assert Sampler(den, "euler", steps=4).grid.t[:-1].tolist() == [1.0, 0.75, 0.5, 0.25]
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=6,
+                  output_type="np").images
+    torch.testing.assert_close(((ours.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), torch.from_numpy(theirs),
+                               atol=1e-5, rtol=0)

@@ -23,9 +23,8 @@ from fewstep.distill.matching import DistributionMatching
 from fewstep.distill.run import distill
 from fewstep.distill.students import load_student
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=4)
+from conftest import TINY_UNET
+
 
 
 def _tiny_pipeline(path):

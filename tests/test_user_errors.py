@@ -17,11 +17,10 @@ import yaml
 
 from fewstep import cli
 
+from conftest import TINY_UNET
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=4)
 
 
 # -- what a case owes its user ---------------------------------------------------------------------------
@@ -90,23 +89,23 @@ def teacher_config(tmp_path: Path, data: Path) -> Path:
     return path
 
 
-def sd3_folder(tmp_path: Path) -> Path:
-    """A flow-matching pipeline of a family fewstep does not distil (its index is enough to refuse it)."""
-    path = tmp_path / "sd3"
+def index_folder(tmp_path: Path, name: str, pipeline: str) -> Path:
+    """A pipeline folder holding only its index (enough to refuse a family, or to miss its components)."""
+    path = tmp_path / name
     path.mkdir()
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline,
                                                        "transformer": ["diffusers", "SD3Transformer2DModel"],
                                                        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
     return path
 
 
-def flow_ddpm_folder(tmp_path: Path, teacher: Path) -> Path:
-    """A DDPMPipeline whose scheduler is flow matching (a flow teacher in a DDPM class)."""
-    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+def odd_schedule_folder(tmp_path: Path, teacher: Path) -> Path:
+    """A DDPMPipeline whose scheduler is none of DDPM, flow matching or EDM (a consistency model's)."""
+    from diffusers import CMStochasticIterativeScheduler, DDPMPipeline
 
-    path = tmp_path / "flow"
+    path = tmp_path / "odd"
     DDPMPipeline(unet=DDPMPipeline.from_pretrained(teacher).unet,
-                 scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(path)
+                 scheduler=CMStochasticIterativeScheduler()).save_pretrained(path)
     return path
 
 
@@ -141,8 +140,9 @@ def student_without_unet(tmp_path: Path, teacher: Path) -> Path:
 DISTILL = [
     ("unknown method", ["method=distillation"], "unknown distillation method 'distillation'"),
     ("missing teacher folder", ["teacher={tmp}/no_such_teacher"], "not a diffusers pipeline folder"),
-    ("SD3 teacher (unsupported family)", ["teacher={sd3}"], "StableDiffusion3Pipeline"),
-    ("flow-matching scheduler", ["teacher={flow}"], "DDPM-family"),
+    ("unsupported family", ["teacher={pixart}"], "is a PixArtSigmaPipeline; fewstep distils"),
+    ("SD3 teacher without its components", ["teacher={sd3}"], "StableDiffusion3Pipeline teacher"),
+    ("unsupported scheduler", ["teacher={odd}"], "flow-matching and EDM schedulers"),
     ("teacher folder without its unet/", ["teacher={torn_folder}"], "has no unet/ folder"),
     ("teacher with a torn UNet config", ["teacher={torn_config}"], "cannot be loaded"),
     ("data larger than the teacher", ["data.size=16"], "set data.size=8"),
@@ -167,9 +167,11 @@ PENDING: dict[str, str] = {}  # case -> why it still fails (xfail); empty: every
 def test_distill_errors_are_one_line(case, overrides, message, teacher, data, tmp_path, capsys):
     places = {"tmp": tmp_path}
     if any("{sd3}" in o for o in overrides):
-        places["sd3"] = sd3_folder(tmp_path)
-    if any("{flow}" in o for o in overrides):
-        places["flow"] = flow_ddpm_folder(tmp_path, teacher)
+        places["sd3"] = index_folder(tmp_path, "sd3", "StableDiffusion3Pipeline")
+    if any("{pixart}" in o for o in overrides):
+        places["pixart"] = index_folder(tmp_path, "pixart", "PixArtSigmaPipeline")
+    if any("{odd}" in o for o in overrides):
+        places["odd"] = odd_schedule_folder(tmp_path, teacher)
     for torn in ("folder", "config"):
         if any(f"{{torn_{torn}}}" in o for o in overrides):
             places[f"torn_{torn}"] = torn_teacher(tmp_path, teacher, torn)
@@ -262,7 +264,7 @@ def test_grid_errors_are_one_line(teacher, tmp_path, capsys):
     afile.write_text("")
     cases = [
         (["--pipeline", tmp_path / "no_such_pipeline"], "not a diffusers pipeline folder"),
-        (["--pipeline", sd3_folder(tmp_path)], "StableDiffusion3Pipeline"),
+        (["--pipeline", index_folder(tmp_path, "sd3", "StableDiffusion3Pipeline")], "StableDiffusion3Pipeline"),
         (["--pipeline", torn_teacher(tmp_path, teacher, "folder")], "has no unet/ folder"),
         (["--pipeline", torn_teacher(tmp_path, teacher, "config")], "cannot be loaded"),
         (["--pipeline", teacher, "--sampler", "no_such_sampler"], "unknown sampler(s) 'no_such_sampler'"),

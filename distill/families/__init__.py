@@ -41,12 +41,6 @@ __all__ = ["Family", "register", "FAMILIES", "family_of", "load_teacher", "teach
 #: The per-example guidance scale ``w`` of a w-conditioned student, as a condition key (diffusers' name).
 GUIDANCE_KEY = "guidance_scale"
 
-#: diffusers scheduler classes whose config is a DDPM-family (discrete VP) noise schedule.
-DDPM_FAMILY = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
-               "DEISMultistepScheduler", "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler",
-               "HeunDiscreteScheduler", "KDPM2DiscreteScheduler")
-
 #: LoRA targets of a diffusers UNet: those of diffusers' LCM-LoRA distillation scripts
 #: (``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``): the attention and feed-forward
 #: projections, and the ResNet blocks' convolutions and time projections, so a LoRA reaches every stage (a
@@ -77,7 +71,7 @@ def supported_pipelines() -> list[str]:
 
 def _import_all() -> None:
     # the adapters register themselves on import; each is small and imports diffusers lazily
-    from . import ddpm, dit, ldm, sd  # noqa: F401
+    from . import ddpm, dit, flux, ldm, sd, sd3  # noqa: F401
 
 
 # -- conditions: dicts of per-example tensors ---------------------------------------------------------
@@ -151,8 +145,10 @@ class Family:
                                    f"of this family needs {', '.join((self.network, 'scheduler', *self.required))}")
         self.sidecar = _read_json(self.path / "fewstep_teacher.json")
         self.scheduler_config = dict(pipe.scheduler.config)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        self.schedule = self._schedule()
+        self.noise = self._noise()
+        self.schedule = self.noise.schedule
+        #: what the network predicts as ``call`` returns it (EDM: its preconditioned ``D``, an x0 prediction)
+        self.prediction_type = self.noise.prediction_type
 
     # -- construction
     @classmethod
@@ -167,15 +163,21 @@ class Family:
                                    f"of this family needs {', '.join((cls.network, 'scheduler', *cls.required))}")
         return cls(load_pipeline(path, DiffusionPipeline, "teacher", **kwargs), path)
 
-    def _schedule(self):
-        from fewstep.samplers.schedules import DiscreteVPSchedule
+    def _noise(self):
+        """The teacher's ``Noise`` (``distill.noise``) from its scheduler config: DDPM-family (Karras sigmas or
+        not: they are a sampling choice), flow matching or EDM."""
+        from ..noise import UnsupportedSchedule, noise_from_config
 
-        config = self.scheduler_config
-        name = config.get("_class_name", type(self.pipe.scheduler).__name__)
-        if name not in DDPM_FAMILY or config.get("use_flow_sigmas") or config.get("use_karras_sigmas"):
-            raise TeacherError(f"teacher {self.path} has a {name} schedule; distillation here needs a DDPM-family "
-                               "(discrete VP) schedule such as DDPMScheduler's")
-        return DiscreteVPSchedule.from_diffusers_config(config)
+        config = {"_class_name": type(self.pipe.scheduler).__name__, **self.scheduler_config}
+        try:
+            return noise_from_config(config, self.image_seq_len(), where=f"teacher {self.path}")
+        except UnsupportedSchedule as err:
+            raise TeacherError(str(err)) from None
+
+    def image_seq_len(self) -> int | None:
+        """The number of image tokens the network sees (transformer families): what a flow scheduler's dynamic
+        shifting reads (``mu``). ``None``: not a token model."""
+        return None
 
     @property
     def name(self) -> str:
@@ -251,18 +253,39 @@ class Family:
         return out.sample if hasattr(out, "sample") else out[0]
 
     def call(self, net: nn.Module) -> Callable[..., Tensor]:
-        """``net`` as ``model(x, t, **cond)`` for ``ModelDenoiser``."""
+        """``net`` as ``model(x, t, **cond)`` for ``ModelDenoiser``, ``t`` in schedule time: the network gets
+        its own timestep (``noise.model_time``: flow ``N t``, EDM ``0.25 log sigma``) and, on EDM, its
+        preconditioned input, and its output is read back as ``prediction_type``."""
+        noise = self.noise
 
         def model(x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+            x_in, state = noise.precondition(x, t)
+            t_in = noise.model_time(t)
             dtype = _weight_dtype(net)
             if dtype is None or dtype == x.dtype:
-                return self.forward(net, x, t, cond)
-            # a frozen network held in lower precision (train.frozen_dtype): its inputs in its dtype, its output
-            # back in the caller's
-            cond = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
-            return self.forward(net, x.to(dtype), t, cond).to(x.dtype)
+                out = self.forward(net, x_in, t_in, cond)
+            else:
+                # a frozen network held in lower precision (train.frozen_dtype): its inputs in its dtype, its
+                # output back in the caller's
+                cond = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+                out = self.forward(net, x_in.to(dtype), t_in, cond).to(x.dtype)
+            return noise.output(out, x, t, state)
 
         return model
+
+    # -- the discriminator's features (f-distill's GAN head)
+    def feature_block(self, net: nn.Module) -> tuple[nn.Module, int]:
+        """``(module, channels)``: the block of ``net`` whose output the discriminator head reads (a UNet's
+        mid block), and the channels ``feature_map`` gives."""
+        block = getattr(net, "mid_block", None)
+        if block is None:
+            raise TeacherError(f"the discriminator reads the {self.name} network's middle features; its "
+                               f"{type(net).__name__} has no mid_block, and the family names no other block")
+        return block, int(net.config.block_out_channels[-1])
+
+    def feature_map(self, output, x: Tensor) -> Tensor:
+        """The captured output of ``feature_block`` as ``[B, C, h, w]`` (a UNet block's: itself)."""
+        return output[0] if isinstance(output, tuple) else output
 
     # -- guidance as a student input (Meng et al. 2023; LCM's time_cond_proj_dim)
     @property
