@@ -1,4 +1,5 @@
-"""``fewstep tune``: fit a sampler's timestep grid at each NFE to a DDPM-family pipeline's own trajectories.
+"""``fewstep tune``: fit a sampler's timestep grid at each NFE to a pipeline's own trajectories (a UNet over a
+DDPM-family or a rectified-flow scheduler, e.g. ``fewstep train-teacher``'s flow teacher).
 
     fewstep tune --pipeline teachers/fmnist --sampler dpmpp_2m --nfe 3 4 6 --out tuned-dpmpp_2m
 
@@ -42,7 +43,7 @@ def _load_pipeline(path: str):
     pipe = load_pipeline(path, None, "--pipeline")  # a bad folder: one line (TeacherError, exit 2)
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "scheduler", None) is None:
-        raise ValueError(f"{path}: tune needs a DDPM-family pipeline with a unet and a scheduler, got "
+        raise ValueError(f"{path}: tune needs a pipeline with a unet and a DDPM-family or flow-matching scheduler, got "
                          f"{type(pipe).__name__}")
     if getattr(unet.config, "class_embed_type", None) or getattr(unet.config, "num_class_embeds", None):
         raise ValueError(f"{path}: a class-conditional UNet; tune fits unconditional DDPM pipelines so far")
@@ -106,7 +107,7 @@ def tune(pipeline: str, sampler: str = "dpmpp_2m", nfe=(4, 6, 8), out: str = "fe
 
     from .samplers import ModelDenoiser
     from .samplers.registry import make_solver, resolve_name
-    from .samplers.tune import FIXED_GRIDS, ddim_cost_matrix, endpoint_errors, fit_timesteps, fixed_grid_times, rms
+    from .samplers.tune import ddim_cost_matrix, endpoint_errors, fit_timesteps, fixed_grid_times, fixed_grids, rms
 
     sampler = resolve_name(sampler)
     if make_solver(sampler).stochastic:
@@ -153,16 +154,17 @@ def tune(pipeline: str, sampler: str = "dpmpp_2m", nfe=(4, 6, 8), out: str = "fe
                                 distance=measure)
         start = time.perf_counter()
         held = {"tuned": fit.timesteps, "gits": fit.gits_timesteps}
-        held.update({name: fixed_grid_times(denoiser.schedule, name, fit.steps) for name in FIXED_GRIDS})
+        fixed = fixed_grids(denoiser.schedule)
+        held.update({name: fixed_grid_times(denoiser.schedule, name, fit.steps) for name in fixed})
         val_errors = {name: float(endpoint_errors(denoiser, sampler, times, val.x_T, val.end, batch_size,
                                                    measure).mean())
                       for name, times in tqdm(held.items(), desc=f"held-out NFE {k}", unit="grid")}
         record = {**asdict(fit), "val_errors": val_errors, "val_seconds": time.perf_counter() - start}
         _write_json(path, record)
         results[k] = record
-        best_fixed = min(val_errors[n] for n in FIXED_GRIDS)
-        print(f"NFE {k}: {[round(t, 1) for t in fit.timesteps]}; held-out {distance} {val_errors['tuned']:.4f} "
-              f"(trailing {val_errors['trailing']:.4f}, best fixed {best_fixed:.4f}); {fit.evaluations} runs, "
+        best_fixed = min(val_errors[n] for n in fixed)
+        print(f"NFE {k}: {[round(t, 3) for t in fit.timesteps]}; held-out {distance} {val_errors['tuned']:.4f} "
+              f"({fixed[0]} {val_errors[fixed[0]]:.4f}, best fixed {best_fixed:.4f}); {fit.evaluations} runs, "
               f"{fit.images} teacher evaluations, {fit.seconds:.0f} s", flush=True)
         _save(folder, pipe.scheduler.config, sampler, results, settings, ref, val)
     return _save(folder, pipe.scheduler.config, sampler, results, settings, ref, val)
@@ -201,9 +203,8 @@ def load_tuned(folder: str, steps: int) -> list[float]:
 
 
 def _print_table(summary: dict) -> None:
-    from .samplers.tune import FIXED_GRIDS
-
-    names = ["tuned", "gits", *FIXED_GRIDS]
+    first = next(iter(summary["nfe"].values()), {"val_errors": {}})
+    names = ["tuned", "gits", *[n for n in first["val_errors"] if n not in ("tuned", "gits")]]
     what = summary["settings"].get("distance", "rms")
     print(f"\nheld-out {what} distance to the teacher's reference endpoint (lower is better)")
     print("| NFE | " + " | ".join(names) + " | runs | teacher evaluations | seconds |")

@@ -257,6 +257,13 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
             self.betas = betas_from_diffusers_config(self.config)  # diffusers' attribute (its schedulers' tests read it)
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected 'zero' or 'sigma_min'")
+        for steps, times in self._tuned.items():  # a grid of another schedule's times fails here, not mid-pipeline
+            try:
+                self.noise_schedule.check_times(torch.tensor(times, dtype=torch.float64))
+            except ValueError as err:
+                unit = {"ddpm": "DDPM timesteps", "flow": "flow times (sigmas in [0, 1])", "edm": "EDM sigmas"}
+                raise ValueError(f"tuned_timesteps[{steps!r}]: {err}; a {noise_schedule} scheduler's grids are "
+                                 f"{unit[noise_schedule]}") from None
         self.order = 2 if isinstance(self.solver, Heun) else 1
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None

@@ -261,6 +261,7 @@ class FlowUniform(Timesteps):
 
 
 _BY_NAME = {
+    "flow_uniform": FlowUniform,
     "time_uniform": TimeUniform,
     "time_quadratic": TimeQuadratic,
     "log_snr": LogSNRUniform,
@@ -269,8 +270,8 @@ _BY_NAME = {
 
 
 def make_timesteps(name: str | Timesteps, **options) -> Timesteps:
-    """Timesteps by name: ``time_uniform``, ``time_quadratic``, ``log_snr``, ``karras`` or a diffusers
-    spacing (``leading``, ``trailing``, ``linspace``)."""
+    """Timesteps by name: ``time_uniform``, ``time_quadratic``, ``log_snr``, ``karras``, ``flow_uniform`` or a
+    diffusers spacing (``leading``, ``trailing``, ``linspace``)."""
     if isinstance(name, Timesteps):
         return name
     if name in DiffusersSpacing.SPACINGS:

@@ -42,11 +42,11 @@ from torch import Tensor
 from .denoisers import Denoiser
 from .registry import make_solver
 from .sampler import Sampler, run_solver
-from .schedules import DiscreteVPSchedule, Schedule
+from .schedules import DiscreteVPSchedule, FlowMatchingSchedule, Schedule
 from .schedulers import FewstepScheduler
-from .timesteps import ExplicitTimesteps, LogSNRUniform, Timesteps, make_timesteps
+from .timesteps import ExplicitTimesteps, FlowUniform, LogSNRUniform, Timesteps, make_timesteps
 
-__all__ = ["FIXED_GRIDS", "Reference", "CallCounter", "candidate_times", "reference_trajectory", "ddim_cost_matrix",
+__all__ = ["FIXED_GRIDS", "FLOW_FIXED_GRIDS", "fixed_grids", "Reference", "CallCounter", "candidate_times", "reference_trajectory", "ddim_cost_matrix",
            "gits_grid", "refine_grid", "rms", "endpoint_errors", "fixed_grid_times", "fit_timesteps", "FitResult",
            "TunedScheduler", "tuned_scheduler", "published_scheduler", "PUBLISHED"]
 
@@ -54,6 +54,18 @@ _F64 = torch.float64
 
 #: The fixed grids a fitted one is compared with (``timesteps.make_timesteps`` names).
 FIXED_GRIDS = ("trailing", "karras", "log_snr", "time_quadratic")
+#: The fixed grids of a rectified flow that starts at pure noise (t = 1, where log-SNR is -inf):
+#: FlowMatchEuler's uniform grid, unshifted and at SD3's shift 3.
+FLOW_FIXED_GRIDS = ("flow_uniform", "flow_shift3")
+
+
+def fixed_grids(schedule: Schedule) -> tuple[str, ...]:
+    """The fixed grids a tuned grid is compared with on ``schedule``."""
+    return FLOW_FIXED_GRIDS if _pure_noise_flow(schedule) else FIXED_GRIDS
+
+
+def _pure_noise_flow(schedule: Schedule) -> bool:
+    return isinstance(schedule, FlowMatchingSchedule) and schedule.t_max == 1
 
 #: Published schedules that load through the same format (Sabour et al. 2024, Align Your Steps, 10 steps;
 #: the lists diffusers ships as ``diffusers.schedulers.AysSchedules``).
@@ -83,7 +95,12 @@ class CallCounter(Denoiser):
 
 def candidate_times(schedule: Schedule, m: int, integer: bool | None = None) -> Tensor:
     """About ``m`` descending times from ``t_max`` to ``t_min``, uniform in log-SNR; on DDPM schedules
-    (``integer`` default) rounded to integer timesteps, duplicates dropped (what a DDPM UNet was trained on)."""
+    (``integer`` default) rounded to integer timesteps, duplicates dropped (what a DDPM UNet was trained on).
+    A flow schedule reaching pure noise: ``t = 1`` (where ``x_T`` is drawn), then log-SNR uniform from
+    ``1 - 1e-3`` down to ``1e-3`` (both log-SNR ends are infinite)."""
+    if _pure_noise_flow(schedule):
+        inner = LogSNRUniform(t_start=1 - 1e-3, t_end=max(1e-3, schedule.t_min)).spaced(schedule, m - 1)
+        return torch.cat([torch.ones(1, dtype=_F64), inner])
     t = LogSNRUniform().spaced(schedule, m)
     integer = isinstance(schedule, DiscreteVPSchedule) if integer is None else integer
     if integer:
@@ -204,7 +221,10 @@ def endpoint_errors(denoiser: Denoiser, sampler: str, times: Sequence[float], x_
 
 
 def fixed_grid_times(schedule: Schedule, name: str | Timesteps, steps: int) -> list[float]:
-    """The evaluation times of a fixed grid (``"trailing"``, ``"karras"``, ...) with ``steps`` steps."""
+    """The evaluation times of a fixed grid (``"trailing"``, ``"karras"``, ``"flow_shift3"``, ...) with ``steps``
+    steps."""
+    if name == "flow_shift3":
+        return FlowUniform(shift=3.0).times(schedule, steps).tolist()
     return make_timesteps(name).times(schedule, steps).tolist()
 
 
@@ -280,7 +300,7 @@ def _steps_for_nfe(denoiser: Denoiser, sampler: str, nfe: int, **options) -> int
 
 
 def fit_timesteps(denoiser: Denoiser, sampler: str, nfe: int, reference: Reference, batch: int = 256,
-                  cost: Tensor | None = None, candidates: Tensor | None = None, fixed: Sequence[str] = FIXED_GRIDS,
+                  cost: Tensor | None = None, candidates: Tensor | None = None, fixed: Sequence[str] | None = None,
                   progress=None, distance: Callable[[Tensor, Tensor], Tensor] = rms, **options) -> FitResult:
     """Fit the grid of ``sampler`` (with its ``options``) at ``nfe`` model calls to ``reference``: GITS DP
     on the reference's DDIM local errors, then the pattern search on the sampler's own endpoint error,
@@ -304,7 +324,7 @@ def fit_timesteps(denoiser: Denoiser, sampler: str, nfe: int, reference: Referen
 
     gits = gits_grid(cost, reference.times, steps)
     starts = {"gits": gits}
-    for name in fixed:
+    for name in fixed_grids(schedule) if fixed is None else fixed:
         try:
             starts[name] = fixed_grid_times(schedule, name, steps)
         except ValueError:  # a spacing this schedule does not have (trailing on a continuous schedule)
@@ -336,9 +356,15 @@ def tuned_scheduler(scheduler_config, grids: dict[int, Sequence[float]], sampler
                     **options) -> TunedScheduler:
     """A ``TunedScheduler`` of a pipeline's noise schedule (``pipe.scheduler.config``) running ``sampler``
     on ``grids`` (steps -> times), ending at clean data, without clipping."""
-    sched = TunedScheduler.from_config(dict(scheduler_config), sampler=sampler, sampler_options=options or None,
-                                       timestep_spacing="trailing", final_sigmas_type="zero", clip_sample=False,
-                                       thresholding=False)
+    import inspect
+
+    known = inspect.signature(FewstepScheduler.__init__).parameters
+    # the source's own keys FewstepScheduler has no use for (FlowMatchEuler's invert_sigmas, ...) are left out
+    config = {k: v for k, v in dict(scheduler_config).items() if k in known or k.startswith("_")}
+    # on DDPM schedules the untuned step counts fall back to trailing; a flow config keeps its own rule
+    spacing = {} if str(config.get("_class_name", "")).startswith("FlowMatch") else {"timestep_spacing": "trailing"}
+    sched = TunedScheduler.from_config(config, sampler=sampler, sampler_options=options or None,
+                                       final_sigmas_type="zero", clip_sample=False, thresholding=False, **spacing)
     table = {str(int(k)): [float(t) for t in v] for k, v in grids.items()}
     return TunedScheduler.from_config(sched.config, tuned_timesteps=table)
 

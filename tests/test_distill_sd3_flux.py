@@ -46,7 +46,10 @@ METHODS = {
 }
 
 
-CASES = [(name, case) for name in ("sd3", "flux") for case in METHODS]
+#: Flux runs at its pipeline's default size (4096 tokens): its one-step cases (the code paths SD3's cover, and
+#: FluxPipeline's set_begin_index(0) on a one-step grid: tests/test_distill_noise.py) are the slow ones
+CASES = [pytest.param(name, case, marks=pytest.mark.slow if name == "flux" and METHODS[case][2] == 1 else ())
+         for name in ("sd3", "flux") for case in METHODS]
 
 
 @pytest.fixture(scope="module")

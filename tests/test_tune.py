@@ -144,8 +144,9 @@ def test_fewstep_scheduler_alone_reads_the_tuned_grids(tmp_path):
     plain.set_timesteps(4)
     assert plain.timesteps.tolist() == [999, 741, 603, 262]
     assert plain.tuned_steps == [2, 4]
-    with pytest.raises(ValueError, match="tuned_timesteps are DDPM timesteps"):
+    with pytest.raises(ValueError, match="grids are flow times"):  # DDPM timesteps on a flow schedule
         FewstepScheduler(noise_schedule="flow", tuned_timesteps={"2": [999.0, 480.0]})
+    FewstepScheduler(noise_schedule="flow", tuned_timesteps={"2": [1.0, 0.48]})
 
 
 def _fewstep(capsys, *args):
@@ -203,3 +204,56 @@ def test_tune_resumes_and_saves_a_scheduler_folder(tmp_path, capsys):
     assert loaded.tuned_steps == [2, 3] and loaded.config.num_train_timesteps == 100
     code, _, err = _fewstep(capsys, *args, "--nfe", "2", "--seeds", "5")
     assert code == 2 and "other settings (seeds)" in err
+
+
+# -- rectified flow: a grid fitted to a flow teacher, saved where its pipeline reads it ---------------------
+
+
+def test_a_fitted_grid_beats_the_flow_grids_on_an_exact_flow_teacher():
+    from fewstep.samplers import FlowMatchingSchedule
+    from fewstep.samplers.tune import FLOW_FIXED_GRIDS
+
+    flow = FlowMatchingSchedule(0.0, 1.0)
+    mixture = GaussianMixture.random(8, 6, seed=1)
+    teacher = ExactDenoiser(mixture, flow)
+    g = torch.Generator().manual_seed(1)
+    x_fit, x_val = (torch.randn(256, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    reference = reference_trajectory(teacher, x_fit, steps=120)
+    assert reference.times[0] == 1.0 and torch.isfinite(reference.end).all()  # from pure noise, t = 1
+    exact = mixture_pf_ode_solution(mixture, flow, x_val, 1.0 - 1e-9, None, rtol=1e-8, atol=1e-8)
+    fit = fit_timesteps(teacher, "dpmpp_2m", 4, reference)
+    assert fit.timesteps[0] == 1.0 and set(fit.fit_errors_fixed) == set(FLOW_FIXED_GRIDS)
+    fitted = endpoint_errors(teacher, "dpmpp_2m", fit.timesteps, x_val, exact).mean()
+    for name in FLOW_FIXED_GRIDS:
+        fixed = endpoint_errors(teacher, "dpmpp_2m", fixed_grid_times(flow, name, 4), x_val, exact).mean()
+        assert fitted <= fixed, (name, float(fitted), float(fixed))
+
+
+def test_tune_fits_a_flow_pipeline_and_its_pipeline_samples_the_tuned_grid(tmp_path, capsys):
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from fewstep.samplers import ModelDenoiser, Sampler
+    from fewstep.samplers.timesteps import ExplicitTimesteps
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "pipe")
+    code, out, err = _fewstep(capsys, "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "out"),
+                              "--seeds", "4", "--val-seeds", "4", "--ref-steps", "12", "--batch-size", "4",
+                              "--nfe", "3")
+    assert code == 0, err
+    assert "flow_uniform" in out and "invert_sigmas" not in out + err
+    scheduler = TunedScheduler.from_pretrained(tmp_path / "out", subfolder="scheduler")
+    assert scheduler.config.noise_schedule == "flow" and scheduler.tuned_steps == [3]
+    times = scheduler.tuned(3)
+    assert times[0] == 1.0
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe", scheduler=scheduler)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                  output_type="np").images
+    den = ModelDenoiser.from_diffusers(pipe.unet, FlowMatchEulerDiscreteScheduler())  # the teacher's own schedule
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = Sampler(den, "dpmpp_2m", steps=3, timesteps=ExplicitTimesteps(times)).sample(x_T)
+    torch.testing.assert_close(((ours.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), torch.from_numpy(theirs),
+                               atol=1e-5, rtol=0)
