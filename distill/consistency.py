@@ -135,7 +135,7 @@ class MultistepConsistency(Method):
     def networks(self):
         nets = {"student": Network(self.student, self.optim)}
         if self.teacher is not None:
-            nets["teacher"] = Network(self.teacher)
+            nets["teacher"] = Network(self.teacher, persistent=False)
         return nets
 
     def grid_at(self, update: int) -> Grid:

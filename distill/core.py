@@ -85,10 +85,17 @@ class OptimizerConfig:
 
 @dataclass
 class Network:
-    """A network of a method: trainable (with ``optim``) or frozen (``optim=None``)."""
+    """A network of a method: trainable (with ``optim``) or frozen (``optim=None``). ``persistent=False``: a
+    frozen network the method rebuilds identically on resume (the teacher: its identity is in the recipe), so
+    checkpoints leave it out."""
 
     module: nn.Module
     optim: OptimizerConfig | None = None
+    persistent: bool = True
+
+    def __post_init__(self):
+        if self.optim is not None and not self.persistent:
+            raise ValueError("a trainable network changes as it trains: it must be persistent")
 
     @property
     def trainable(self) -> bool:
@@ -232,7 +239,7 @@ class TrainState:
                 if gradient_checkpointing and hasattr(net.module, "enable_gradient_checkpointing"):
                     net.module.enable_gradient_checkpointing()
                 if net.optim.ema_decay is not None:
-                    self.emas[name] = _frozen_copy(net.module).to(accelerator.device)
+                    self.emas[name] = _ema_copy(net.module).to(accelerator.device)
             else:
                 # weights in frozen_dtype; a parameter-free module (statistics buffers) keeps its own
                 param = next(net.module.parameters(), None)
@@ -270,20 +277,24 @@ class TrainState:
             self.emas[name].load_state_dict(source.state_dict())
 
     def state_dict(self) -> dict:
+        """The checkpoint: persistent networks, each without the weights that never train (a LoRA student's
+        frozen base: rebuilt from the teacher on resume), optimizers, EMAs (the same), counters."""
         scaler = getattr(self.accelerator, "scaler", None)
         return {
             "counters": {"step": self.step, "round": self.round, "step_in_round": self.step_in_round},
-            "networks": {name: self.unwrapped(name).state_dict() for name in self.modules},
+            "networks": {name: _changing_state(self.unwrapped(name), self.specs[name].trainable)
+                         for name in self.modules if self.specs[name].persistent},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "emas": {name: ema.state_dict() for name, ema in self.emas.items()},
+            "emas": {name: _changing_state(ema, True, like=self.unwrapped(name)) for name, ema in self.emas.items()},
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         for name, weights in state["networks"].items():
-            self.unwrapped(name).load_state_dict(weights)
+            if self.specs[name].persistent:  # a checkpoint from before frozen teachers were left out holds them
+                _load_changing(self.unwrapped(name), weights, self.specs[name].trainable, name)
         for name, weights in state["emas"].items():
-            self.emas[name].load_state_dict(weights)
+            _load_changing(self.emas[name], weights, True, f"the EMA of {name}", like=self.unwrapped(name))
         for name, opt_state in state["optimizers"].items():
             self.optimizers[name].load_state_dict(opt_state)
         scaler = getattr(self.accelerator, "scaler", None)
@@ -295,6 +306,42 @@ class TrainState:
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
+
+
+def _ema_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of a trainable network for its EMA that shares the weights which never train (a LoRA
+    student's base): only the trained ones are copied, so a LoRA student's EMA costs its factors."""
+    fixed = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo=fixed).eval().requires_grad_(False)
+
+
+def _trained_names(module: nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def _changing_state(module: nn.Module, trainable: bool, like: nn.Module | None = None) -> dict:
+    """``module``'s state dict without the parameters that never train (of ``like``, the trained network an EMA
+    follows): all of it for a frozen network that changes (PD's previous student, statistics buffers)."""
+    state = module.state_dict()
+    if not trainable:
+        return state
+    source = like if like is not None else module
+    fixed = {name for name, p in source.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in fixed}
+
+
+def _load_changing(module: nn.Module, state: dict, trainable: bool, what: str, like: nn.Module | None = None) -> None:
+    """Load a ``_changing_state`` back: every key it must hold has to be there (a checkpoint of another
+    network is refused, never half-loaded); older checkpoints with the fixed weights too load as well."""
+    if not trainable:
+        module.load_state_dict(state)
+        return
+    source = like if like is not None else module
+    fixed = {name for name, p in source.named_parameters() if not p.requires_grad}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in fixed]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +441,8 @@ class StepContext:
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        if p.requires_grad:  # the others are shared with the model (``_ema_copy``) and never change
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 

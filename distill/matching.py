@@ -259,7 +259,7 @@ class DistributionMatching(Method):
 
     def networks(self):
         nets = {"generator": Network(self.generator, self.optim), "fake": Network(self.fake, self.critic_optim),
-                "teacher": Network(self.teacher), "ratio_stats": Network(self.stats)}
+                "teacher": Network(self.teacher, persistent=False), "ratio_stats": Network(self.stats)}
         if self.discriminator:
             if self.disc is None:  # here, after fit seeds the global RNG: its initial weights follow train.seed
                 self.disc = FeatureHead(self._disc_channels)

@@ -219,7 +219,7 @@ class ProgressiveDistillation(Method):
         self.on_student = on_student
 
     def networks(self):
-        return {"student": Network(self.student, self.optim), "teacher": Network(self.teacher),
+        return {"student": Network(self.student, self.optim), "teacher": Network(self.teacher, persistent=False),
                 "previous": Network(self.previous)}
 
     def teacher_grid(self, round_index: int) -> Grid:

@@ -48,8 +48,9 @@ def _lora_net(teacher: Path, state: dict | None = None, rank: int = 4):
     from fewstep.distill.families import UNET_LORA_TARGETS
 
     net = inject(copy.deepcopy(_teacher_unet(teacher)), LoRA(rank=rank, targets=UNET_LORA_TARGETS))
-    if state is not None:
-        net.load_state_dict(state)
+    if state is not None:  # a checkpoint's LoRA student: its factors (the base is the teacher's)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        assert not unexpected and all(".lora_" not in k for k in missing), (missing, unexpected)
     return net
 
 
@@ -87,13 +88,17 @@ def test_every_method_trains_only_lora_factors_and_exports_a_fused_ddpm_pipeline
     from diffusers import DDPMPipeline
 
     paths = _run(tiny_teacher, idx_folder, tmp_path / "run", method)
-    teacher = _teacher_unet(tiny_teacher).state_dict()
+    teacher_unet = _teacher_unet(tiny_teacher)
+    teacher = teacher_unet.state_dict()
     saved = load_checkpoint(checkpoint_paths(tmp_path / "run")[-1])["state"]
     trained = ["student"] if method in ("progressive", "consistency") else ["generator", "fake"]
+    assert "teacher" not in saved["networks"]  # rebuilt from its folder on resume
     for name in trained:
         base, factors = _base_and_lora(saved["networks"][name])
-        assert base.keys() == teacher.keys()
-        assert all(torch.equal(base[k], teacher[k]) for k in teacher), f"{name}'s base weights moved"
+        # the checkpoint holds what trains (the factors) and buffers, not the frozen base: it is the teacher's
+        assert set(base) <= {k for k, _ in teacher_unet.named_buffers()}, f"{name}'s frozen base was saved"
+        for store in (saved["emas"].get(name, {}),):
+            assert set(_base_and_lora(store)[0]) <= {k for k, _ in teacher_unet.named_buffers()}
         assert any(v.abs().max() > 0 for k, v in factors.items() if ".lora_B." in k), f"{name}'s LoRA did not train"
         # the optimizer holds state for the LoRA factors alone
         held = sum(s["exp_avg"].numel() for s in saved["optimizers"][name]["state"].values())
@@ -133,8 +138,8 @@ def test_pd_rounds_hand_the_same_adapter_on(tiny_teacher, idx_folder, tmp_path):
     round0 = ckpt[2]["student"]  # the end of round 0 (round 1 starts after this checkpoint)
     assert all(torch.equal(ckpt[3]["previous"][k], v) for k, v in round0.items())  # teacher <- student
     teacher = _teacher_unet(tiny_teacher).state_dict()
-    for step in (2, 3, 4):
-        base, _ = _base_and_lora(ckpt[step]["student"])
+    for step in (3, 4):  # round 1's teacher (the previous student, saved whole): the base never moved
+        base, _ = _base_and_lora(ckpt[step]["previous"])
         assert all(torch.equal(base[k], teacher[k]) for k in teacher)
     # round 1 trains on from round 0's LoRA: one update later it has moved, but not far
     _, f2 = _base_and_lora(round0)
@@ -218,10 +223,9 @@ def test_a_lora_run_resumes_bitwise_and_resuming_with_another_rank_is_refused(ti
     whole, split = (load_checkpoint(checkpoint_paths(tmp_path / d)[-1])["state"] for d in ("whole", "split"))
     for part in ("networks", "emas"):
         assert all(torch.equal(v, split[part]["student"][k]) for k, v in whole[part]["student"].items())
-    # the EMA of a LoRA student averages its factors; its base stays the teacher's exactly
-    teacher = _teacher_unet(tiny_teacher).state_dict()
-    base, _ = _base_and_lora(whole["emas"]["student"])
-    assert all(torch.equal(base[k], teacher[k]) for k in teacher)
+    # the EMA of a LoRA student averages its factors; its base is the student's own (shared, never copied or saved)
+    base, factors = _base_and_lora(whole["emas"]["student"])
+    assert factors and set(base) <= {k for k, _ in _teacher_unet(tiny_teacher).named_buffers()}
 
 
 def test_a_w_conditioned_lora_student_trains_its_new_guidance_embedding_in_full(tmp_path):
@@ -243,3 +247,24 @@ def test_the_example_lora_config_loads():
 
     config = load(DistillConfig, Path(__file__).parents[1] / "configs/distill/consistency_fmnist_lora.yaml", [])
     assert config.lora.rank == 16 and config.lora.export == "fused" and config.method == "consistency"
+
+
+def test_a_lora_students_ema_shares_its_frozen_base_and_copies_only_the_factors(tiny_teacher):
+    from fewstep.distill.core import Network, OptimizerConfig, TrainState, _ema_update
+    from accelerate import Accelerator
+
+    net = _lora_net(tiny_teacher)
+    state = TrainState({"student": Network(net, OptimizerConfig(lr=1e-3, ema_decay=0.5))}, Accelerator(cpu=True))
+    ema, live = state.emas["student"], state.unwrapped("student")
+    shared = {n for (n, e), (_, p) in zip(ema.named_parameters(), live.named_parameters())
+              if e.data_ptr() == p.data_ptr()}
+    frozen = {n for n, p in live.named_parameters() if not p.requires_grad}
+    assert shared == frozen and frozen  # the base: the same tensors; the factors: copies
+    with torch.no_grad():
+        for name, p in live.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    _ema_update(ema, live, 0.5)
+    for (name, e), (_, p) in zip(ema.named_parameters(), live.named_parameters()):
+        if name not in frozen:  # halfway to the moved factor
+            torch.testing.assert_close(e, p - 0.5)

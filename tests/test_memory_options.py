@@ -32,7 +32,7 @@ def test_a_bfloat16_teacher_trains_nearly_the_fp32_student(tiny_teacher, idx_fol
     (half,) = distill(_config(tiny_teacher, idx_folder, tmp_path / "bf16", method="consistency", consistency=MCM,
                               train={"steps": 3, "frozen_dtype": "bfloat16"}))
     saved = torch.load(checkpoint_paths(tmp_path / "bf16")[-1], weights_only=True)["state"]["networks"]
-    assert {v.dtype for v in saved["teacher"].values() if v.is_floating_point()} == {torch.bfloat16}
+    assert "teacher" not in saved  # rebuilt from the teacher folder on resume (its identity is in the recipe)
     assert {v.dtype for v in saved["student"].values() if v.is_floating_point()} == {torch.float32}
     a, b = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert a != b and all(abs(x - y) <= 0.05 * abs(x) for x, y in zip(a, b)), (a, b)  # bf16 targets: ~0.4 % each
