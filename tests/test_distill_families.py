@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from test_family_dit_ldm import tiny_dit_pipeline, tiny_ldm_pipeline  # noqa: E402
 from test_family_sd import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from test_family_pixart import tiny_pixart_pipeline  # noqa: E402
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 
@@ -96,6 +97,7 @@ def teachers(tmp_path_factory):
     out["sdxl"] = (tiny_sdxl_pipeline(root), None, PROMPTS)
     out["sd_edm"] = (tiny_edm_sd_pipeline(root), None, PROMPTS)
     out["ldm"] = (tiny_ldm_pipeline(root), None, None)
+    out["pixart"] = (tiny_pixart_pipeline(root), None, PROMPTS)
     for name, (path, data, raw) in list(out.items()):
         if data is None:  # data at the teacher's pixel size
             family = load_teacher(path)
@@ -147,7 +149,7 @@ def _pipeline_noise(family, rows: int) -> torch.Tensor:
 
 
 METHODS = ["progressive", "consistency", "fdistill", "sim"]
-FAMILIES = ["classcond", "dit", "sd", "sd_v", "sdxl", "ldm", "sd_edm"]
+FAMILIES = ["classcond", "dit", "sd", "sd_v", "sdxl", "ldm", "sd_edm", "pixart"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -71,7 +71,7 @@ def supported_pipelines() -> list[str]:
 
 def _import_all() -> None:
     # the adapters register themselves on import; each is small and imports diffusers lazily
-    from . import ddpm, dit, flux, ldm, sd, sd3  # noqa: F401
+    from . import ddpm, dit, flux, ldm, pixart, sd, sd3  # noqa: F401
 
 
 # -- conditions: dicts of per-example tensors ---------------------------------------------------------
