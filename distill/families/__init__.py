@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 __all__ = ["Family", "register", "FAMILIES", "family_of", "load_teacher", "teacher_identity", "GUIDANCE_KEY",
            "cond_rows", "cond_cat", "cond_repeat", "cond_without", "TeacherError", "supported_pipelines",
-           "latent_image_shape", "class_labels", "check_component_folders", "load_pipeline",
+           "latent_image_shape", "class_labels", "check_component_folders", "load_pipeline", "prompt_list", "vae_encode",
+           "vae_decode",
            "UNET_LORA_TARGETS"]
 
 #: The per-example guidance scale ``w`` of a w-conditioned student, as a condition key (diffusers' name).
@@ -364,6 +365,33 @@ def latent_image_shape(autoencoder: nn.Module, sample_shape: tuple[int, int, int
     cfg = autoencoder.config
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     return (int(cfg.out_channels), sample_shape[1] * factor, sample_shape[2] * factor)
+
+
+def prompt_list(family: "Family", prompts) -> list[str]:
+    """``prompts`` as a list of strings, or a one-line ``TeacherError`` (a bare string is refused: a list of
+    prompts is one per example)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TeacherError(f"{family.name} teacher {family.path} takes a list of prompt strings, got {prompts!r:.80}")
+    return list(prompts)
+
+
+def vae_encode(vae: nn.Module, images: Tensor, shift: bool = False) -> Tensor:
+    """Images in ``[-1, 1]`` -> latents as a pipeline decodes them: the posterior's mode (deterministic, so a
+    data set encodes to the same latents every epoch), minus ``shift_factor`` when the pipeline adds it back
+    (``shift``: SD3, Flux), times ``scaling_factor``."""
+    z = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    if shift:
+        z = z - vae.config.shift_factor
+    return z * vae.config.scaling_factor
+
+
+def vae_decode(vae: nn.Module, x: Tensor, shift: bool = False) -> Tensor:
+    """Latents -> images in ``[-1, 1]`` (unclamped): ``x / scaling_factor`` (``+ shift_factor`` with ``shift``)
+    through the decoder, as the pipelines' ``__call__`` decode."""
+    z = x.to(vae.dtype) / vae.config.scaling_factor
+    if shift:
+        z = z + vae.config.shift_factor
+    return vae.decode(z).sample
 
 
 def class_labels(raw, classes: int, device) -> dict[str, Tensor]:

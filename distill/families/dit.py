@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from . import Family, TeacherError, class_labels, latent_image_shape, register
+from . import Family, TeacherError, class_labels, latent_image_shape, register, vae_decode, vae_encode
 
 #: The class id ``DiTPipeline.__call__`` guides against (hard-coded there).
 DIT_NULL_CLASS = 1000
@@ -95,13 +95,10 @@ class DiTFamily(Family):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` -> scaled latents: the mode of the VAE's posterior (deterministic, so a data
         set encodes to the same latents every epoch), times ``scaling_factor``."""
-        vae = self.pipe.vae
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return latents * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode_latents(self, x: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
+        return vae_decode(self.pipe.vae, x)
 
     # -- conditions
     @property

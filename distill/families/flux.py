@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import Family, TeacherError, cond_repeat, latent_image_shape, register
+from . import Family, TeacherError, cond_repeat, latent_image_shape, prompt_list, register, vae_decode, vae_encode
 from .sd3 import token_map
 
 __all__ = ["FluxFamily", "FLUX_LORA_TARGETS", "EMBEDDED_GUIDANCE_KEY"]
@@ -88,21 +88,13 @@ class FluxFamily(Family):
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` -> shifted, scaled latents. Deterministic: the posterior's mode (its mean)."""
-        vae = self.pipe.vae
-        z = vae.encode(images.to(vae.dtype)).latent_dist.mode()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images, shift=True)
 
     def decode_latents(self, x: Tensor) -> Tensor:
         """Latents -> images in ``[-1, 1]`` (unclamped), as ``FluxPipeline.__call__`` decodes."""
-        vae = self.pipe.vae
-        return vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample
+        return vae_decode(self.pipe.vae, x, shift=True)
 
     # -- conditions
-    def _check_prompts(self, prompts) -> list[str]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TeacherError(f"{self.name} teacher {self.path} takes a list of prompt strings, got {prompts!r:.80}")
-        return list(prompts)
-
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.device,
@@ -115,7 +107,7 @@ class FluxFamily(Family):
 
     def encode(self, raw) -> dict[str, Tensor]:
         """Prompts -> ``{"encoder_hidden_states", "pooled_projections"}`` (and ``"guidance"``: module docstring)."""
-        return self._encode(self._check_prompts(raw))
+        return self._encode(prompt_list(self, raw))
 
     def null(self, rows: int = 1) -> dict[str, Tensor]:
         """True CFG's negative: the encoded ``negative_prompt`` (``""``) at the same embedded guidance."""
@@ -155,7 +147,7 @@ class FluxFamily(Family):
     # -- students
     def pipeline_inputs(self, raw, guidance_scale: float | None = None) -> dict[str, Any]:
         """The prompts at the embedded guidance; ``guidance_scale`` (``None``: 1, none) is true CFG's scale."""
-        prompts = self._check_prompts(raw)
+        prompts = prompt_list(self, raw)
         inputs: dict[str, Any] = {"prompt": prompts, "max_sequence_length": self.max_sequence_length}
         if _embeds_guidance(self.pipe.transformer):
             inputs["guidance_scale"] = float(self.embedded_guidance)

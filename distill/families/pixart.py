@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, register
+from . import (GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, prompt_list, register, vae_decode,
+               vae_encode)
 from .sd3 import token_map
 
 __all__ = ["PixArtSigmaFamily", "PIXART_LORA_TARGETS", "NO_MICRO_CONDITIONS"]
@@ -75,14 +76,11 @@ class PixArtSigmaFamily(Family):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` -> scaled latents: the mode of the VAE's posterior (deterministic) times
         ``scaling_factor``, the inverse of the pipeline's decoding."""
-        vae = self.pipe.vae
-        latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return latents * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode_latents(self, x: Tensor) -> Tensor:
         """Latents -> images in ``[-1, 1]`` (unclamped), as ``PixArtSigmaPipeline.__call__`` decodes."""
-        vae = self.pipe.vae
-        return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
+        return vae_decode(self.pipe.vae, x)
 
     # -- conditions
     @property
@@ -93,16 +91,11 @@ class PixArtSigmaFamily(Family):
 
         return bool(self.clean_caption) and is_bs4_available() and is_ftfy_available()
 
-    def _check_prompts(self, prompts) -> list[str]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TeacherError(f"{self.name} teacher {self.path} takes a list of prompt strings, got {prompts!r:.80}")
-        return list(prompts)
-
     @torch.no_grad()
     def encode(self, raw) -> dict[str, Tensor]:
         """Prompts -> ``{"encoder_hidden_states": [B, L, D], "encoder_attention_mask": [B, L]}``, the pipeline's own
         ``encode_prompt``."""
-        embeds, mask, _, _ = self.pipe.encode_prompt(self._check_prompts(raw), do_classifier_free_guidance=False,
+        embeds, mask, _, _ = self.pipe.encode_prompt(prompt_list(self, raw), do_classifier_free_guidance=False,
                                                      device=self.pipe.device, clean_caption=self.cleans_captions,
                                                      max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
@@ -143,7 +136,7 @@ class PixArtSigmaFamily(Family):
     # -- students
     def pipeline_inputs(self, raw, guidance_scale: float | None = None) -> dict[str, Any]:
         """``guidance_scale=None`` is the plain conditional model (``1.0``), not the pipeline's default 4.5."""
-        inputs = {"prompt": self._check_prompts(raw), "max_sequence_length": self.max_sequence_length,
+        inputs = {"prompt": prompt_list(self, raw), "max_sequence_length": self.max_sequence_length,
                   "clean_caption": self.cleans_captions, "use_resolution_binning": False,
                   "guidance_scale": 1.0 if guidance_scale is None else float(guidance_scale)}
         if self.negative_prompt is not None:

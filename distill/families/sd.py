@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import GUIDANCE_KEY, UNET_LORA_TARGETS, Family, TeacherError, cond_repeat, latent_image_shape, register
+from . import (GUIDANCE_KEY, UNET_LORA_TARGETS, Family, TeacherError, cond_repeat, latent_image_shape, prompt_list,
+               register, vae_decode, vae_encode)
 
 __all__ = ["StableDiffusionFamily", "StableDiffusionXLFamily", "GUIDANCE_EMBED_DIM"]
 
@@ -68,24 +69,17 @@ class StableDiffusionFamily(Family):
         """Images in ``[-1, 1]`` -> scaled latents. Deterministic: the posterior's mode (its mean), not a sample.
         ``StableDiffusionPipeline`` decodes ``z / scaling_factor`` and ignores any ``shift_factor`` (an SD3 / Flux
         VAE field), so this ignores it too: the latents are the ones the pipeline decodes."""
-        vae = self.pipe.vae
-        return vae.encode(images.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images)
 
     def decode_latents(self, x: Tensor) -> Tensor:
         """Scaled latents -> images in ``[-1, 1]`` (unclamped), as ``StableDiffusionPipeline.__call__`` decodes."""
-        vae = self.pipe.vae
-        return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
+        return vae_decode(self.pipe.vae, x)
 
     # -- conditions
-    def _check_prompts(self, prompts) -> list[str]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TeacherError(f"{self.name} teacher {self.path} takes a list of prompt strings, got {prompts!r:.80}")
-        return list(prompts)
-
     @torch.no_grad()
     def encode(self, raw) -> dict[str, Tensor]:
         """Prompts -> ``{"encoder_hidden_states": [B, L, D]}``, the pipeline's own ``encode_prompt``."""
-        embeds, _ = self.pipe.encode_prompt(self._check_prompts(raw), self.pipe.device, 1, False)
+        embeds, _ = self.pipe.encode_prompt(prompt_list(self, raw), self.pipe.device, 1, False)
         return {"encoder_hidden_states": embeds}
 
     @torch.no_grad()
@@ -164,7 +158,7 @@ class StableDiffusionFamily(Family):
 
     def pipeline_inputs(self, raw, guidance_scale: float | None = None) -> dict[str, Any]:
         """``guidance_scale=None`` is the plain conditional model (``1.0``), not the pipeline's default 7.5."""
-        inputs = {"prompt": self._check_prompts(raw), "guidance_scale": 1.0 if guidance_scale is None else
+        inputs = {"prompt": prompt_list(self, raw), "guidance_scale": 1.0 if guidance_scale is None else
                   float(guidance_scale)}
         if self.negative_prompt is not None:
             inputs["negative_prompt"] = [self.negative_prompt] * len(inputs["prompt"])
@@ -234,7 +228,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     @torch.no_grad()
     def encode(self, raw) -> dict[str, Tensor]:
-        prompts = self._check_prompts(raw)
+        prompts = prompt_list(self, raw)
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self._time_ids(embeds, pooled)}

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, register
+from . import (GUIDANCE_KEY, Family, TeacherError, cond_repeat, latent_image_shape, prompt_list, register, vae_decode,
+               vae_encode)
 
 __all__ = ["StableDiffusion3Family", "SD3_LORA_TARGETS", "token_map"]
 
@@ -75,26 +76,18 @@ class StableDiffusion3Family(Family):
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` -> shifted, scaled latents. Deterministic: the posterior's mode (its mean)."""
-        vae = self.pipe.vae
-        z = vae.encode(images.to(vae.dtype)).latent_dist.mode()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, images, shift=True)
 
     def decode_latents(self, x: Tensor) -> Tensor:
         """Latents -> images in ``[-1, 1]`` (unclamped), as ``StableDiffusion3Pipeline.__call__`` decodes."""
-        vae = self.pipe.vae
-        return vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample
+        return vae_decode(self.pipe.vae, x, shift=True)
 
     # -- conditions
-    def _check_prompts(self, prompts) -> list[str]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TeacherError(f"{self.name} teacher {self.path} takes a list of prompt strings, got {prompts!r:.80}")
-        return list(prompts)
-
     @torch.no_grad()
     def encode(self, raw) -> dict[str, Tensor]:
         """Prompts -> ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``, the pipeline's own
         ``encode_prompt``."""
-        embeds, _, pooled, _ = self.pipe.encode_prompt(self._check_prompts(raw), None, None, device=self.pipe.device,
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt_list(self, raw), None, None, device=self.pipe.device,
                                                        do_classifier_free_guidance=False,
                                                        max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
@@ -135,7 +128,7 @@ class StableDiffusion3Family(Family):
     # -- students
     def pipeline_inputs(self, raw, guidance_scale: float | None = None) -> dict[str, Any]:
         """``guidance_scale=None`` is the plain conditional model (``1.0``), not the pipeline's default 7."""
-        inputs = {"prompt": self._check_prompts(raw), "max_sequence_length": self.max_sequence_length,
+        inputs = {"prompt": prompt_list(self, raw), "max_sequence_length": self.max_sequence_length,
                   "guidance_scale": 1.0 if guidance_scale is None else float(guidance_scale)}
         if self.negative_prompt is not None:
             inputs["negative_prompt"] = [self.negative_prompt] * len(inputs["prompt"])
