@@ -27,6 +27,7 @@ from .conditioning import Conditioning, Guidance
 from .consistency import MultistepConsistency
 from .core import CoreConfig, OptimizerConfig, fit, from_train_config
 from .families import Family, TeacherError, load_teacher
+from .fsdp import fill_wrap_policy
 from .lora import resolve as resolve_lora
 from .matching import DistributionMatching
 from .prepare import prepare_data
@@ -185,6 +186,7 @@ def distill(config: DistillConfig, max_steps: int | None = None) -> list[Path]:
         raise ValueError(f"unknown distillation method {config.method!r}; expected one of {', '.join(METHODS)}")
     family = _load_teacher(config.teacher)
     cond = _conditioning(config, family)
+    fill_wrap_policy(family, lora=cond.lora is not None)  # under an FSDP launch: the family's blocks (distill.fsdp)
     anneal = getattr(config, config.method).anneal
     core, optim = core_settings(config.train, anneal)
     students_dir = Path(config.students_dir or Path(core.output_dir) / "students")

@@ -137,6 +137,8 @@ class Family:
     #: the layers a LoRA student adapts by default (``lora.target_modules``; peft matches the end of a module
     #: name); empty: this family has no default, the config must name them
     lora_targets: tuple[str, ...] = ()
+    #: the block classes FSDP wraps one by one (accelerate's transformer-based wrap policy; ``distill.fsdp``)
+    fsdp_blocks: tuple[str, ...] = ("BasicTransformerBlock", "ResnetBlock2D")
 
     def __init__(self, pipe, path: Path):
         self.pipe, self.path = pipe, Path(path)
@@ -273,6 +275,11 @@ class Family:
             return noise.output(out, x, t, state)
 
         return model
+
+    def fsdp_wrap_classes(self, net: nn.Module | None = None) -> list[str]:
+        """``fsdp_blocks`` that ``net`` (default: the denoising network) has: what FSDP wraps in it."""
+        present = {type(m).__name__ for m in (net or self.denoiser_network).modules()}
+        return [name for name in self.fsdp_blocks if name in present]
 
     # -- the discriminator's features (f-distill's GAN head)
     def feature_block(self, net: nn.Module) -> tuple[nn.Module, int]:

@@ -71,6 +71,7 @@ class DiTFamily(Family):
     condition_kind = "class"
     #: the attention and feed-forward projections of every block (adaLN and patch layers stay the teacher's)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    fsdp_blocks = ("BasicTransformerBlock",)
 
     def __init__(self, pipe, path):
         super().__init__(pipe, path)

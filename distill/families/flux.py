@@ -58,6 +58,7 @@ class FluxFamily(Family):
     condition_kind = "text"
     required = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     lora_targets = FLUX_LORA_TARGETS
+    fsdp_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     TEXT_KEYS = frozenset({"encoder_hidden_states", "pooled_projections"})
     #: the guidance a guidance-distilled teacher is run at (``FluxPipeline``'s default ``guidance_scale``)
     embedded_guidance: float = 3.5

@@ -50,6 +50,7 @@ class PixArtSigmaFamily(Family):
     condition_kind = "text"
     required = ("vae", "text_encoder", "tokenizer")
     lora_targets = PIXART_LORA_TARGETS
+    fsdp_blocks = ("BasicTransformerBlock",)
     KEYS = frozenset({"encoder_hidden_states", "encoder_attention_mask"})
     #: the negative prompt guidance contrasts with; ``None`` is the pipeline's default (``""``)
     negative_prompt: str | None = None

@@ -54,6 +54,7 @@ class StableDiffusion3Family(Family):
     # T5 is optional: the pipeline puts zeros in its place when text_encoder_3 is None
     required = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     lora_targets = SD3_LORA_TARGETS
+    fsdp_blocks = ("JointTransformerBlock",)
     KEYS = frozenset({"encoder_hidden_states", "pooled_projections"})
     #: the negative prompt guidance contrasts with; ``None`` is the pipeline's default (``""``)
     negative_prompt: str | None = None
