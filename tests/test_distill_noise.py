@@ -10,11 +10,11 @@ import torch
 
 from fewstep.distill.consistency import MultistepConsistency, consistency_loss
 from fewstep.distill.matching import dsm_loss
-from fewstep.distill.noise import (DiscreteNoise, EDMNoise, FlowNoise, UnsupportedSchedule, noise_for,
+from fewstep.distill.noise import (EDMNoise, FlowNoise, UnsupportedSchedule, noise_for,
                                    noise_from_config)
 from fewstep.distill.progressive import ProgressiveDistillation
 from fewstep.distill.targets import ddim_transfer, inverse_ddim
-from fewstep.samplers import EDMSchedule, FlowMatchingSchedule, Sampler
+from fewstep.samplers import EDMSchedule, FlowMatchingSchedule
 from fewstep.samplers.denoisers import Denoiser, Prediction
 from fewstep.samplers.flow import calculate_shift, static_shift
 from fewstep.samplers.timesteps import DiffusersSpacing
