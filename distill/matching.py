@@ -29,13 +29,11 @@ teacher's velocity loss included).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..samplers.timesteps import Grid
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
 from .fdiv import (F_DIVERGENCES, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
