@@ -45,7 +45,7 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("bogus: {}\n", "unknown config section(s) ['bogus']; known: ['data', 'eval', 'label_dropout', 'model', 'scheduler', 'train']"),
+    ("bogus: {}\n", "unknown config section(s) ['bogus']; known: ['data', 'eval', 'flow', 'label_dropout', 'model', 'objective', 'scheduler', 'train']"),
     ("train:\n  stepz: 3\n", "unknown training option(s) ['stepz']; known: ['batch_size', "),
     ("mr:\n  taget: data\n", "unknown mr option(s) ['taget']; known: ['T', 'noise_std', 'sigma_inf', 'target']"),
 ])
