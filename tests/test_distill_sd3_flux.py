@@ -46,9 +46,10 @@ METHODS = {
 }
 
 
-#: Flux runs at its pipeline's default size (4096 tokens): its one-step cases (the code paths SD3's cover, and
-#: FluxPipeline's set_begin_index(0) on a one-step grid: tests/test_distill_noise.py) are the slow ones
-CASES = [pytest.param(name, case, marks=pytest.mark.slow if name == "flux" and METHODS[case][2] == 1 else ())
+#: Flux runs at its pipeline's default size (4096 tokens): its cases take 15-35 s each, so they are marked slow
+#: (the code paths SD3's cover; Flux's adapter parity is tests/test_family_flux.py, FluxPipeline's
+#: set_begin_index(0) on a one-step grid tests/test_distill_noise.py)
+CASES = [pytest.param(name, case, marks=pytest.mark.slow if name == "flux" else ())
          for name in ("sd3", "flux") for case in METHODS]
 
 

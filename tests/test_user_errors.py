@@ -140,7 +140,7 @@ def student_without_unet(tmp_path: Path, teacher: Path) -> Path:
 DISTILL = [
     ("unknown method", ["method=distillation"], "unknown distillation method 'distillation'"),
     ("missing teacher folder", ["teacher={tmp}/no_such_teacher"], "not a diffusers pipeline folder"),
-    ("unsupported family", ["teacher={pixart}"], "is a PixArtSigmaPipeline; fewstep distils"),
+    ("unsupported family", ["teacher={sana}"], "is a SanaPipeline; fewstep distils"),
     ("SD3 teacher without its components", ["teacher={sd3}"], "StableDiffusion3Pipeline teacher"),
     ("unsupported scheduler", ["teacher={odd}"], "flow-matching and EDM schedulers"),
     ("teacher folder without its unet/", ["teacher={torn_folder}"], "has no unet/ folder"),
@@ -168,8 +168,8 @@ def test_distill_errors_are_one_line(case, overrides, message, teacher, data, tm
     places = {"tmp": tmp_path}
     if any("{sd3}" in o for o in overrides):
         places["sd3"] = index_folder(tmp_path, "sd3", "StableDiffusion3Pipeline")
-    if any("{pixart}" in o for o in overrides):
-        places["pixart"] = index_folder(tmp_path, "pixart", "PixArtSigmaPipeline")
+    if any("{sana}" in o for o in overrides):
+        places["sana"] = index_folder(tmp_path, "sana", "SanaPipeline")
     if any("{odd}" in o for o in overrides):
         places["odd"] = odd_schedule_folder(tmp_path, teacher)
     for torn in ("folder", "config"):
