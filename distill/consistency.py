@@ -22,8 +22,7 @@ from ..samplers import Denoiser
 from ..samplers.timesteps import Grid, Timesteps
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
-from .noise import Noise, noise_for
-from .progressive import _noise_recipe
+from .noise import Noise, noise_for, noise_recipe
 from .targets import addim_transfer, consistency_target, inverse_ddim, pseudo_huber, snr_plus_one_weight
 
 __all__ = ["annealed_teacher_steps", "segment_grid", "consistency_loss", "MultistepConsistency"]
@@ -176,5 +175,5 @@ class MultistepConsistency(Method):
                 "anneal_updates": self.anneal_updates, "variant": self.variant, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "huber_c": self.huber_c,
                 "xvar_frac": self.xvar_frac, "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule),
-                **({"student_init": self.student_init} if self.student_init else {}), **_noise_recipe(self.noise),
+                **({"student_init": self.student_init} if self.student_init else {}), **noise_recipe(self.noise),
                 **self.cond.recipe()}

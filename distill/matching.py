@@ -38,8 +38,8 @@ from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
 from .fdiv import (F_DIVERGENCES, bin_totals, density_ratio, dmd_normaliser, f_weight, matching_gradient,
                    normalise_by_bins, normalise_weight, sim_generator_loss, sim_loss, time_bins, vsd_loss)
-from .noise import Noise, noise_for
-from .progressive import _noise_recipe, check_student_steps
+from .noise import Noise, noise_for, noise_recipe
+from .progressive import check_student_steps
 
 __all__ = ["OBJECTIVES", "REFERENCES", "updates_at", "FeatureHead", "RatioStats", "DistributionMatching", "dsm_loss"]
 
@@ -269,7 +269,7 @@ class DistributionMatching(Method):
                 "discriminator", "gan_weight", "r1_weight", "r1_sigma", "ratio_clamp", "ratio_bins", "ratio_ema",
                 "min_t", "max_t", "distance", "huber_c", "sid_alpha", "dmd_normaliser")
         extra = {} if self.time_sampling == "uniform" else {"time_sampling": self.time_sampling}
-        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **_noise_recipe(self.noise),
+        return {**{k: getattr(self, k) for k in keys}, "schedule": repr(self.schedule), **noise_recipe(self.noise),
                 **extra, **self.cond.recipe()}
 
     def student_info(self) -> dict:

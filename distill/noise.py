@@ -37,7 +37,7 @@ from ..samplers.schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSc
 from ..samplers.timesteps import DiffusersSpacing, Grid, Timesteps
 
 __all__ = ["Noise", "DiscreteNoise", "FlowNoise", "EDMNoise", "noise_for", "noise_from_config", "FLOW_SOURCES",
-           "EDM_SOURCES", "DDPM_SOURCES", "UniformFraction", "UnsupportedSchedule", "ScheduleNoise"]
+           "EDM_SOURCES", "DDPM_SOURCES", "UniformFraction", "UnsupportedSchedule", "ScheduleNoise", "noise_recipe"]
 
 #: diffusers scheduler classes whose config is a DDPM-family (discrete VP) noise schedule.
 DDPM_SOURCES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -384,6 +384,11 @@ def _truncated_normal(r: Tensor, mean: float, std: float, lo: float, hi: float) 
     a = torch.special.ndtr(torch.tensor((lo - mean) / std, dtype=torch.float64))
     b = torch.special.ndtr(torch.tensor((hi - mean) / std, dtype=torch.float64))
     return (mean + std * torch.special.ndtri(a + r * (b - a))).clamp(lo, hi)
+
+
+def noise_recipe(noise: Noise) -> dict:
+    """The schedule family in a resumed run's recipe, except DDPM's (whose recipes predate it, and resume)."""
+    return {} if noise.kind == "ddpm" else {"noise": noise.describe()}
 
 
 # -- readers ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..samplers.denoisers import Prediction, broadcast_like, canonical_predictio
 from ..samplers.timesteps import Grid, Timesteps
 from .conditioning import Conditioning, split_batch
 from .core import Method, Network, OptimizerConfig
-from .noise import Noise, noise_for
+from .noise import Noise, noise_for, noise_recipe
 from .targets import ddim_transfer, progressive_target, snr_plus_one_weight, truncated_snr_weight
 
 __all__ = ["WEIGHTINGS", "PREDICTION_TYPES", "halve", "progressive_loss", "round_steps", "check_student_steps",
@@ -294,18 +294,13 @@ class ProgressiveDistillation(Method):
         return {"start_steps": self.start_steps, "end_steps": self.end_steps, "prediction_type": self.prediction_type,
                 "teacher_prediction_type": self.teacher_prediction_type, "weighting": self.weighting,
                 "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start(),
-                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **_noise_recipe(self.noise),
+                "optim": dataclasses.asdict(self.optim), "schedule": repr(self.schedule), **noise_recipe(self.noise),
                 **self.cond.recipe()}
 
     def student_info(self) -> dict:
         """What an exported student's ``fewstep_student.json`` records about its training."""
         return {"weighting": self.weighting, "teacher_prediction_type": self.teacher_prediction_type,
                 "starts_as_teacher": self.starts_as_teacher, "round_start": self._round_start()}
-
-
-def _noise_recipe(noise: Noise) -> dict:
-    """The grid rule in a resumed run's recipe, except for DDPM's (whose recipes predate it, and resume)."""
-    return {} if noise.kind == "ddpm" else {"noise": noise.describe()}
 
 
 def _diffusers_type(prediction_type: str) -> str:

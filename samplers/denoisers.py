@@ -222,13 +222,19 @@ class ModelDenoiser(Denoiser):
         (``pipe.scheduler`` or its ``config``), e.g. ``ModelDenoiser.from_diffusers(pipe.unet, pipe.scheduler)``:
         a DDPM-family schedule, or a rectified flow (``FlowMatch*`` schedulers: ``FlowMatchingSchedule(0, 1)``,
         the velocity, the network called at ``N t`` as diffusers calls it; sample it on ``FlowUniform(shift)``).
-        A bare config without ``_class_name`` is read as DDPM-family."""
+        A config built in code (no ``_class_name``) is told apart by its keys (``schedulers.schedule_kind``); an EDM
+        one is refused (its network takes preconditioned inputs)."""
+        from .schedulers import schedule_kind
         from .schedules import DiscreteVPSchedule, FlowMatchingSchedule
 
         name = type(scheduler_config).__name__ if hasattr(scheduler_config, "config") else None
         config = dict(scheduler_config.config if name else scheduler_config)
-        name = config.get("_class_name", name)
-        if name is not None and name.startswith("FlowMatch"):
+        config.setdefault("_class_name", name)
+        kind = schedule_kind(config)
+        if kind == "edm":
+            raise ValueError("an EDM scheduler's network takes preconditioned inputs (c_in x, 0.25 log sigma); swap "
+                             "FewstepScheduler.from_config(pipe.scheduler.config) into its pipeline instead")
+        if kind == "flow":
             n_train = float(config.get("num_train_timesteps", 1000))
             return cls(diffusers_unet_fn(unet, encoder_hidden_states), FlowMatchingSchedule(0.0, 1.0), "flow",
                        model_time=lambda t: t * n_train, **kwargs)

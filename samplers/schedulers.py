@@ -554,7 +554,7 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
     def _karras_grid(self, n: int, final: str):
         """diffusers' Karras sigmas (rho = 7) on this DDPM schedule, by ``karras_style``, and the model timestep
         of a planned time (rounded for ``"dpm"``, as diffusers; the solver keeps the exact sigma)."""
-        schedule, T = self.noise_schedule, self.config.num_train_timesteps
+        schedule = self.noise_schedule
         train = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers computes it
         if self.config.karras_style == "euler":
             ends = self._spacing.times(schedule, n)
@@ -734,6 +734,23 @@ class FewstepScheduler(BeginIndexMixin, SchedulerMixin, ConfigMixin):
         return len(self._plan)
 
 
+def schedule_kind(config) -> str:
+    """Which noise schedule a diffusers scheduler config (``scheduler.config``, with or without ``_class_name``)
+    puts its network on: ``"flow"`` (``FlowMatch*``, ``use_flow_sigmas``), ``"edm"`` (``EDM*``, ``sigma_data``) or
+    ``"ddpm"``; a config of ours says it (``noise_schedule``)."""
+    config = dict(config)
+    if config.get("noise_schedule") in NOISE_SCHEDULES:
+        return config["noise_schedule"]
+    name = config.get("_class_name") or ""
+    flow_keys = {"use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len", "shift_terminal"}
+    if (name.startswith("FlowMatch") or (not name and "beta_start" not in config and flow_keys & set(config))
+            or config.get("use_flow_sigmas")):
+        return "flow"
+    if name.startswith("EDM") or "sigma_data" in config:
+        return "edm"
+    return "ddpm"
+
+
 def _schedule_of_source(config: dict) -> dict:
     """The noise-schedule keys of a diffusers scheduler's config as this adapter reads them, or an error for
     one it cannot read (never a DDPM schedule made up from defaults).
@@ -759,8 +776,8 @@ def _schedule_of_source(config: dict) -> dict:
     for key in ("use_beta_sigmas", "use_lu_lambdas"):
         if config.get(key):
             raise ValueError(f"{name or 'this'} config sets {key}=True, a sigma spacing fewstep does not read")
-    flow_keys = {"use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len", "shift_terminal"}
-    if name.startswith("FlowMatch") or (not name and "beta_start" not in config and flow_keys & set(config)):
+    kind = schedule_kind(config)
+    if kind == "flow" and not config.get("use_flow_sigmas"):
         return {"noise_schedule": "flow", "timestep_spacing": "flow_match", "prediction_type": "flow_prediction"}
     if config.get("use_flow_sigmas"):
         if not name:  # built in code: UniPC has predict_x0, DPM-Solver algorithm_type
@@ -777,7 +794,7 @@ def _schedule_of_source(config: dict) -> dict:
         raise ValueError(f"{name or 'this'} config predicts flow velocity without flow sigmas; not read")
     defaulted = set(config.get("_use_default_values", []))
     own_ve = {"sigma_min", "sigma_max", "sigma_data"} & set(config) - defaulted  # an EDM config's own values
-    if name.startswith("EDM") or "sigma_data" in config:
+    if kind == "edm":
         if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
             raise ValueError(f"{name or 'this'} EDM config predicts {config['prediction_type']!r}; not read")
         keys = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras", "rho": 7.0,

@@ -419,3 +419,19 @@ def test_a_flow_unet_pipeline_samples_through_model_denoiser_as_diffusers_does(t
                   output_type="np").images
     torch.testing.assert_close(((ours.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), torch.from_numpy(theirs),
                                atol=1e-5, rtol=0)
+
+
+def test_model_denoiser_tells_a_flow_config_built_in_code_from_a_ddpm_one():
+    # a config built in code has no _class_name: its keys say flow (never a DDPM schedule of default betas)
+    from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
+
+    from fewstep.samplers import DiscreteVPSchedule, ModelDenoiser
+
+    from conftest import TINY_UNET
+
+    unet = UNet2DModel(**TINY_UNET)
+    assert isinstance(ModelDenoiser.from_diffusers(unet, FlowMatchEulerDiscreteScheduler().config).schedule,
+                      FlowMatchingSchedule)
+    assert isinstance(ModelDenoiser.from_diffusers(unet, DDPMScheduler().config).schedule, DiscreteVPSchedule)
+    with pytest.raises(ValueError, match="preconditioned inputs"):
+        ModelDenoiser.from_diffusers(unet, EDMEulerScheduler().config)
