@@ -544,9 +544,10 @@ class ProgressiveConfig:
             raise ValueError("progressive.prediction_type both (the reference's x and eps heads) cannot be exported: "
                              "diffusers' DDIMScheduler runs epsilon, sample or v_prediction networks; train a both "
                              "student through the Python API (fewstep.distill.progressive)")
-        kinds = ("v_prediction", "sample", "epsilon", "teacher")
+        kinds = ("v_prediction", "sample", "epsilon", "flow_prediction", "teacher")
         if self.prediction_type not in kinds:
-            raise ValueError(f"progressive.prediction_type must be one of {', '.join(kinds)} (diffusers' names), "
+            raise ValueError(f"progressive.prediction_type must be one of {', '.join(kinds)} (diffusers' names; "
+                             "flow_prediction for flow-matching teachers), "
                              f"got {self.prediction_type!r}")
 
 

@@ -154,6 +154,12 @@ DISTILL = [
     ("fp8", ["train.mixed_precision=fp8"], "train.mixed_precision must be no, fp16, bf16"),
     ("infinite lr", ["train.lr=.inf"], "train.lr must be a finite number"),
     ("non-finite loss", ["train.lr=1e30", "train.steps=3", "train.grad_clip=null"], "non-finite loss"),
+    ("a time law the teacher's schedule has not", ["method=fdistill", "fdistill.time_sampling=log_normal"],
+     "not one of this ddpm teacher's"),
+    ("a flow velocity student of a DDPM teacher", ["method=fdistill", "fdistill.prediction_type=flow_prediction"],
+     "is a flow velocity"),
+    ("a flow velocity PD student of a DDPM teacher", ["progressive.prediction_type=flow_prediction"],
+     "is a flow velocity"),
     ("student init without its UNet", ["method=consistency", "consistency.student_steps=1",
                                        "consistency.student_init={student}"], "has no unet/ folder"),
 ]
